@@ -1,0 +1,180 @@
+"""On-disk format of a token corpus: one `.bin` + `.idx` pair per shard, and one `manifest.json`.
+
+`<name>.bin`  the token ids of the shard's documents, back to back, little-endian uint16 (vocabularies
+              up to 65,536 ids) or uint32; no separators (document boundaries live in the `.idx`).
+`<name>.idx`  a 24-byte header, then `num_docs + 1` little-endian uint64 token offsets into the `.bin`
+              (offsets[0] == 0, offsets[-1] == tokens in the `.bin`):
+
+                  magic      8 bytes  b"RBTIDX\\x00\\x00"
+                  version    uint32   FORMAT_VERSION
+                  itemsize   uint8    2 (uint16 tokens) or 4 (uint32 tokens)
+                  reserved   3 bytes  zero
+                  num_docs   uint64
+
+`manifest.json` format version, tokenizer hash, vocab size, dtype, and per split the list of shards
+              with documents, tokens and the sha256 of both files (see `data_prep.corpus`).
+
+This module is the only place that knows the byte layout; writers and readers both go through it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+IDX_MAGIC = b"RBTIDX\x00\x00"
+_HEADER = struct.Struct("<8sIB3xQ")  # magic, version, itemsize, reserved, num_docs
+HEADER_BYTES = _HEADER.size  # 24
+OFFSET_DTYPE = np.dtype("<u8")
+
+
+class CorpusError(ValueError):
+    """A corpus file is missing, truncated, corrupt or does not match what the caller expects."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    if vocab_size <= 0:
+        raise CorpusError(f"vocab_size must be positive, got {vocab_size}")
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return {2: "uint16", 4: "uint32"}[np.dtype(dtype).itemsize]
+
+
+def dtype_from_name(name: str) -> np.dtype:
+    try:
+        return {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}[name]
+    except KeyError:
+        raise CorpusError(f"unknown token dtype {name!r} (expected uint16 or uint32)") from None
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encode_idx_header(itemsize: int, num_docs: int) -> bytes:
+    return _HEADER.pack(IDX_MAGIC, FORMAT_VERSION, itemsize, num_docs)
+
+
+def read_idx(path: str | os.PathLike, expected_itemsize: int | None = None) -> np.ndarray:
+    """Validate an `.idx` file's header and size; return its offsets as a read-only memmap.
+
+    Raises CorpusError naming the file on a short file, a wrong magic, version or dtype, a size that
+    does not match the header, or offsets that are not non-decreasing from zero (checked cheaply:
+    first, last, and monotonicity over the whole array, which is 8 bytes a document).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: missing index file")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise CorpusError(f"{path}: truncated index file ({size} bytes, header needs {HEADER_BYTES})")
+    with open(path, "rb") as f:
+        magic, version, itemsize, num_docs = _HEADER.unpack(f.read(HEADER_BYTES))
+    if magic != IDX_MAGIC:
+        raise CorpusError(f"{path}: bad magic {magic!r} (expected {IDX_MAGIC!r}); not a corpus index")
+    if version != FORMAT_VERSION:
+        raise CorpusError(f"{path}: format version {version}, this code reads version {FORMAT_VERSION}")
+    if itemsize not in (2, 4):
+        raise CorpusError(f"{path}: bad token itemsize {itemsize} in header (expected 2 or 4)")
+    if expected_itemsize is not None and itemsize != expected_itemsize:
+        raise CorpusError(f"{path}: header says {itemsize}-byte tokens, manifest says {expected_itemsize}")
+    want = HEADER_BYTES + (num_docs + 1) * OFFSET_DTYPE.itemsize
+    if size != want:
+        raise CorpusError(f"{path}: {size} bytes, header with {num_docs} documents needs {want} (truncated?)")
+    offsets = np.memmap(path, dtype=OFFSET_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_docs + 1,))
+    if offsets[0] != 0:
+        raise CorpusError(f"{path}: first offset is {int(offsets[0])}, expected 0")
+    if num_docs and bool(np.any(np.diff(offsets) < 0)):
+        raise CorpusError(f"{path}: document offsets decrease; the index is corrupt")
+    return offsets
+
+
+def idx_itemsize(path: str | os.PathLike) -> int:
+    with open(path, "rb") as f:
+        return _HEADER.unpack(f.read(HEADER_BYTES))[2]
+
+
+def open_bin(path: str | os.PathLike, dtype: np.dtype, num_tokens: int) -> np.ndarray:
+    """Memory-map a `.bin`, checking its size against the token count the index gives."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: missing token file")
+    size = path.stat().st_size
+    want = num_tokens * np.dtype(dtype).itemsize
+    if size != want:
+        raise CorpusError(f"{path}: {size} bytes, the index says {num_tokens} tokens = {want} bytes (truncated?)")
+    if num_tokens == 0:
+        return np.zeros((0,), dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
+
+
+class ShardWriter:
+    """Writes one shard: token arrays appended document by document, then `close()`.
+
+    Files are written under temporary names and renamed into place by `close()`, so a shard whose
+    `.idx` exists was written completely (a killed writer leaves only `*.tmp` files).
+    """
+
+    def __init__(self, directory: str | os.PathLike, name: str, dtype: np.dtype):
+        self.directory = Path(directory)
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self.bin_path = self.directory / f"{name}.bin"
+        self.idx_path = self.directory / f"{name}.idx"
+        self._bin_tmp = self.bin_path.with_suffix(".bin.tmp")
+        self._bin = open(self._bin_tmp, "wb")
+        self._offsets: list[int] = [0]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self._offsets[-1]
+
+    def add(self, tokens: np.ndarray) -> None:
+        arr = np.asarray(tokens)
+        if arr.size and int(arr.max()) > np.iinfo(self.dtype).max:
+            raise CorpusError(f"token id {int(arr.max())} does not fit {dtype_name(self.dtype)}")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
+        self._offsets.append(self._offsets[-1] + int(arr.size))
+
+    def close(self) -> dict:
+        """Finish both files; return the shard's manifest entry."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+        self._bin.close()
+        idx_tmp = self.idx_path.with_suffix(".idx.tmp")
+        with open(idx_tmp, "wb") as f:
+            f.write(encode_idx_header(self.dtype.itemsize, self.num_docs))
+            f.write(np.asarray(self._offsets, dtype=OFFSET_DTYPE).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._bin_tmp, self.bin_path)
+        os.replace(idx_tmp, self.idx_path)  # the .idx lands last: its presence means "complete"
+        return shard_entry(self.bin_path, self.idx_path, self.num_docs, self.num_tokens)
+
+
+def shard_entry(bin_path: Path, idx_path: Path, documents: int, tokens: int) -> dict:
+    return {
+        "bin": bin_path.name,
+        "idx": idx_path.name,
+        "documents": documents,
+        "tokens": tokens,
+        "bin_bytes": bin_path.stat().st_size,
+        "idx_bytes": idx_path.stat().st_size,
+        "bin_sha256": file_sha256(bin_path),
+        "idx_sha256": file_sha256(idx_path),
+    }
