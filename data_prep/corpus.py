@@ -25,9 +25,11 @@ from data_prep.shards import (
     FORMAT_VERSION,
     CorpusError,
     dtype_from_name,
+    dtype_name,
     file_sha256,
     open_bin,
     read_idx,
+    token_dtype,
 )
 
 MANIFEST = "manifest.json"
@@ -50,6 +52,39 @@ def load_manifest(path: str | os.PathLike) -> dict:
         raise CorpusError(
             f"{mpath}: format_version {manifest['format_version']}, this code reads {FORMAT_VERSION}"
         )
+    return manifest
+
+
+def write_manifest(
+    path: str | os.PathLike,
+    *,
+    tokenizer_hash: str,
+    vocab_size: int,
+    special_tokens: dict[str, int],
+    splits: dict[str, list[dict]],
+    build: dict | None = None,
+) -> dict:
+    """Write `manifest.json` atomically from per-split lists of shard entries (`ShardWriter.close()`)."""
+    path = Path(path)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "tokenizer_hash": tokenizer_hash,
+        "vocab_size": vocab_size,
+        "dtype": dtype_name(token_dtype(vocab_size)),
+        "special_tokens": dict(special_tokens),
+        "splits": {
+            name: {
+                "documents": sum(s["documents"] for s in shards),
+                "tokens": sum(s["tokens"] for s in shards),
+                "shards": shards,
+            }
+            for name, shards in splits.items()
+        },
+        "build": build or {},
+    }
+    tmp = path / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path / MANIFEST)
     return manifest
 
 
