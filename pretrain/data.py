@@ -1,0 +1,500 @@
+"""From a token corpus to training batches: packing, block index cache, sampling, loaders.
+
+Packing (RoBERTa §4.2). The documents of a split form one stream, `</s>` between documents:
+
+    doc0 </s> doc1 </s> doc2 ...
+
+FULL-SENTENCES cuts the stream into blocks of `seq_len - 2` positions (a block may cross documents and
+shards; only the very last block may be short); DOC-SENTENCES cuts each document on its own (blocks
+never hold a `</s>` separator; a document's last block may be short). A sample is
+`<s> block </s>`, padded with `<pad>` (attention mask 0) to `seq_len`.
+
+The block index (stream start and length of every block) and the separator positions are computed from
+the `.idx` offsets alone, vectorised, and cached beside the corpus as `cache/*.npy` named by a hash of
+the manifest, split and packing settings; workers memory-map them. Opening a corpus reads no token.
+
+Sampling. Epoch e orders the blocks by a permutation drawn from `np.random.default_rng([seed, e])`.
+Rank r of W reads epoch positions r, r+W, r+2W, ...: with a global batch G = micro_batch x accum x W,
+the samples of optimizer step k on all ranks together are exactly epoch positions [kG, (k+1)G). Each
+rank reads `num_blocks // W` samples per epoch: the last `num_blocks % W` positions of every epoch's
+permutation are dropped so that ranks stay equal. The stream of samples runs on over epochs without a
+break (a micro-batch may hold the end of one epoch and the start of the next).
+
+Masks come from `pretrain.masking.Masker`, seeded by (seed, epoch, epoch position): the same sample has
+the same mask whatever the number of workers or ranks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import weakref
+from pathlib import Path
+from typing import Any, Generator, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data_prep.corpus import MANIFEST, Corpus
+from data_prep.shards import CorpusError
+from pretrain.masking import IGNORE_INDEX, Masker, MaskingConfig
+
+PACKINGS = ("full_sentences", "doc_sentences")
+CACHE_VERSION = 1
+EXPECTED_SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3}  # and mask = vocab_size - 1
+
+
+def check_corpus(corpus: Corpus, vocab_size: int, tokenizer_hash: str | None = None) -> None:
+    """Refuse a corpus that was not made for this model: vocabulary size, tokenizer, special-token ids.
+
+    Raises `CorpusError` naming the manifest and both values.
+    """
+    where = corpus.path / MANIFEST
+    if corpus.vocab_size != vocab_size:
+        raise CorpusError(
+            f"{where}: corpus vocab_size is {corpus.vocab_size}, but the model has vocab_size {vocab_size}"
+        )
+    if tokenizer_hash is not None and corpus.tokenizer_hash != tokenizer_hash:
+        raise CorpusError(
+            f"{where}: corpus tokenizer_hash is {corpus.tokenizer_hash}, but the tokenizer's hash is "
+            f"{tokenizer_hash}; the corpus was made with another tokenizer"
+        )
+    specials = corpus.manifest.get("special_tokens", {})
+    expected = {**EXPECTED_SPECIALS, "mask": vocab_size - 1}
+    for name, want in expected.items():
+        got = specials.get(name)
+        if got != want:
+            raise CorpusError(
+                f"{where}: special_tokens.{name} is {got}, but the model expects {name} = {want} "
+                f"(<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=vocab_size-1)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Block index
+
+
+def separator_positions(doc_lengths: np.ndarray) -> np.ndarray:
+    """Stream positions of the `</s>` between documents: one after each document but the last."""
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    if len(lengths) < 2:
+        return np.zeros((0,), dtype=np.int64)
+    return np.cumsum(lengths[:-1]) + np.arange(len(lengths) - 1, dtype=np.int64)
+
+
+def block_index(doc_lengths: np.ndarray, block_len: int, packing: str) -> np.ndarray:
+    """`[num_blocks, 2]` int64: stream start and length of every block, in stream order.
+
+    `block_len` is the number of stream positions a block holds (seq_len - 2).
+    """
+    if packing not in PACKINGS:
+        raise ValueError(f"data.packing must be one of {PACKINGS}, got {packing!r}")
+    if block_len < 1:
+        raise ValueError(f"block length must be >= 1, got {block_len} (seq_len must be >= 3)")
+    lengths = np.asarray(doc_lengths, dtype=np.int64)
+    if packing == "full_sentences":
+        stream_len = int(lengths.sum()) + max(len(lengths) - 1, 0)
+        starts = np.arange(0, stream_len, block_len, dtype=np.int64)
+        return np.stack([starts, np.minimum(block_len, stream_len - starts)], axis=1)
+    doc_starts = np.concatenate([[0], np.cumsum(lengths[:-1] + 1)]).astype(np.int64)  # stream position
+    per_doc = -(-lengths // block_len)  # ceil; empty documents give no block
+    doc_of_block = np.repeat(np.arange(len(lengths)), per_doc)
+    first_block = np.cumsum(per_doc) - per_doc
+    j = np.arange(int(per_doc.sum()), dtype=np.int64) - first_block[doc_of_block]
+    starts = doc_starts[doc_of_block] + j * block_len
+    sizes = np.minimum(block_len, lengths[doc_of_block] - j * block_len)
+    return np.stack([starts, sizes], axis=1)
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_block_index(corpus: Corpus, seq_len: int, packing: str) -> tuple[np.ndarray, np.ndarray]:
+    """(blocks, separators) of a corpus split, from `<corpus>/cache/` or computed and cached there.
+
+    The files are named by a hash of the manifest, split, packing and seq_len, and memory-mapped on load.
+    A corpus directory that cannot be written to gets the arrays computed in memory instead.
+    """
+    manifest_sha = hashlib.sha256((corpus.path / MANIFEST).read_bytes()).hexdigest()
+
+    def tag(*settings: object) -> str:
+        key = json.dumps([CACHE_VERSION, manifest_sha, corpus.split, *settings])
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    cache = corpus.path / "cache"
+    paths = {
+        "blocks": cache / f"blocks-{corpus.split}-{packing}-{seq_len}-{tag(packing, seq_len)}.npy",
+        "separators": cache / f"separators-{corpus.split}-{tag()}.npy",
+    }
+    if all(p.is_file() for p in paths.values()):
+        return tuple(np.load(paths[k], mmap_mode="r") for k in ("blocks", "separators"))  # type: ignore
+    arrays = {
+        "blocks": block_index(corpus.doc_lengths, seq_len - 2, packing),
+        "separators": separator_positions(corpus.doc_lengths),
+    }
+    try:
+        for k, p in paths.items():
+            if not p.is_file():
+                _save_atomic(p, arrays[k])
+    except OSError:
+        return arrays["blocks"], arrays["separators"]  # read-only corpus: keep them in memory
+    return tuple(np.load(paths[k], mmap_mode="r") for k in ("blocks", "separators"))  # type: ignore
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dataset: one sample = one packed block
+
+
+class PackedBlocks(Dataset):
+    """Map-style dataset of packed samples: key `(epoch, position, block)` -> `(tokens, epoch, position)`.
+
+    Picklable without its arrays: a worker process re-opens the corpus memmaps and the cached index.
+    `reads` counts the blocks this process has read (tests use it to prove a resume skips nothing by
+    reading).
+    """
+
+    def __init__(self, corpus: Corpus, seq_len: int, packing: str):
+        if seq_len < 3:
+            raise ValueError(f"seq_len must be >= 3 (<s>, a token, </s>), got {seq_len}")
+        if packing not in PACKINGS:
+            raise ValueError(f"data.packing must be one of {PACKINGS}, got {packing!r}")
+        if len(corpus) == 0 or corpus.num_tokens == 0:
+            raise CorpusError(f"{corpus.path}: split {corpus.split!r} holds no tokens")
+        self.path, self.split = corpus.path, corpus.split
+        self.seq_len, self.packing = seq_len, packing
+        specials = corpus.manifest["special_tokens"]
+        self.bos, self.pad, self.eos = int(specials["bos"]), int(specials["pad"]), int(specials["eos"])
+        self.reads = 0
+        self._attach(corpus)
+
+    def _attach(self, corpus: Corpus) -> None:
+        self._corpus = corpus
+        # Plain ndarray views of the memmaps: same pages, without np.memmap's per-index overhead.
+        blocks, separators = load_block_index(corpus, self.seq_len, self.packing)
+        self.blocks, self.separators = np.asarray(blocks), np.asarray(separators)
+        shards = corpus.shard_arrays()
+        self._shard_tokens = [np.asarray(t) for t, _ in shards]
+        self._shard_starts = np.concatenate([[0], np.cumsum([len(t) for t in self._shard_tokens])])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in ("_corpus", "blocks", "separators", "_shard_tokens", "_shard_starts"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._attach(Corpus.open(self.path, self.split, verify_hashes=False))
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def _tokens(self, start: int, stop: int) -> np.ndarray:
+        """Corpus tokens [start, stop) in global token coordinates, across shards."""
+        first = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        parts = []
+        s = first
+        while start < stop:
+            base = int(self._shard_starts[s])
+            end = min(stop, int(self._shard_starts[s + 1]))
+            if end > start:
+                parts.append(self._shard_tokens[s][start - base : end - base])
+            start = max(start, end)
+            s += 1
+        if not parts:
+            return np.zeros((0,), dtype=np.int64)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def read_block(self, block: int) -> np.ndarray:
+        """The block's tokens (separators included) as int64, without `<s>`/`</s>`/padding."""
+        self.reads += 1
+        start, length = (int(v) for v in self.blocks[block])
+        stop = start + length
+        k0 = int(np.searchsorted(self.separators, start, side="left"))
+        k1 = int(np.searchsorted(self.separators, stop, side="left"))
+        # Separators before the block shift stream positions to token positions.
+        tokens = self._tokens(start - k0, stop - k1)
+        if k1 == k0:
+            return tokens.astype(np.int64)
+        out = np.full(length, self.eos, dtype=np.int64)
+        is_token = np.ones(length, dtype=bool)
+        is_token[np.asarray(self.separators[k0:k1]) - start] = False
+        out[is_token] = tokens
+        return out
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[np.ndarray, int, int]:
+        epoch, position, block = key
+        body = self.read_block(block)
+        sample = np.full(self.seq_len, self.pad, dtype=np.int64)
+        sample[0] = self.bos
+        sample[1 : 1 + len(body)] = body
+        sample[1 + len(body)] = self.eos
+        return sample, epoch, position
+
+
+class MaskingCollator:
+    """Stacks samples and masks them: the DataLoader's `collate_fn` (runs in the worker).
+
+    Returns numpy arrays: they cross from a worker to the trainer pickled through the worker's pipe, about
+    twice as fast as torch tensors through shared-memory file descriptors (measured 11.9K vs 5.4K
+    samples/s, seq 512, 2 workers, 2 cores); `to_torch` turns them into tensors in the trainer's process
+    without a copy.
+    """
+
+    def __init__(self, masker: Masker, seed: int, pad_id: int):
+        self.masker, self.seed, self.pad_id = masker, seed, pad_id
+
+    def __call__(self, items: list[tuple[np.ndarray, int, int]]) -> dict[str, np.ndarray]:
+        tokens = np.stack([t for t, _, _ in items])
+        epochs = np.array([e for _, e, _ in items], dtype=np.int64)
+        positions = np.array([p for _, _, p in items], dtype=np.int64)
+        input_ids, labels = self.masker(tokens, self.seed, epochs, positions)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (tokens != self.pad_id).astype(np.int64),
+            "labels": labels,
+        }
+
+
+def to_torch(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """int64 tensors sharing the arrays' memory (pinned copies with `pin_memory`)."""
+    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+    return {k: v.pin_memory() for k, v in tensors.items()} if pin_memory else tensors
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order of blocks (smallest integer dtype that holds them)."""
+    dtype = np.int32 if num_blocks < 2**31 else np.int64
+    order = np.arange(num_blocks, dtype=dtype)
+    np.random.default_rng([seed, epoch]).shuffle(order)
+    return order
+
+
+class StridedBatchSampler:
+    """Infinite batches of `(epoch, position, block)` keys for one rank, starting at `consumed` samples.
+
+    Rank r reads epoch positions r, r+W, ...; `num_blocks // W` samples per rank per epoch. Starting at
+    any `consumed` costs one permutation: nothing before it is generated or read.
+    """
+
+    def __init__(
+        self, num_blocks: int, batch_size: int, seed: int, rank: int, world_size: int, consumed: int
+    ):
+        self.num_blocks, self.batch_size = num_blocks, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.per_rank = num_blocks // world_size
+        self.consumed = consumed
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        epoch, offset = divmod(self.consumed, self.per_rank)
+        order = epoch_permutation(self.num_blocks, self.seed, epoch)
+        batch: list[tuple[int, int, int]] = []
+        while True:
+            position = self.rank + offset * self.world_size
+            batch.append((epoch, position, int(order[position])))
+            offset += 1
+            if offset == self.per_rank:
+                epoch, offset = epoch + 1, 0
+                order = epoch_permutation(self.num_blocks, self.seed, epoch)
+            if len(batch) == self.batch_size:
+                yield batch
+                batch = []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _make_masker(corpus: Corpus, masking: MaskingConfig, word_start: np.ndarray | None) -> Masker:
+    return Masker(masking, corpus.vocab_size, corpus.manifest["special_tokens"], word_start)
+
+
+class TrainLoader:
+    """Infinite, resumable stream of masked training micro-batches for one rank.
+
+    Each batch is `{"input_ids", "attention_mask", "labels"}`, int64 `[micro_batch_size, seq_len]`.
+    `state_dict()` records the samples this rank has been given (not what workers prefetched);
+    `load_state_dict()` moves the position, and the next `iter(loader)` continues from there without
+    reading the skipped samples. One iterator is live at a time: `load_state_dict` and a new
+    `iter(loader)` close the previous one (and its worker processes).
+    """
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        seq_len: int,
+        micro_batch_size: int,
+        packing: str = "full_sentences",
+        masking: MaskingConfig | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        word_start: np.ndarray | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not within world_size {world_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.dataset = PackedBlocks(corpus, seq_len, packing)
+        if len(self.dataset) < world_size:
+            raise CorpusError(
+                f"{corpus.path}: split {corpus.split!r} packs into {len(self.dataset)} blocks of seq_len "
+                f"{seq_len}, fewer than world_size {world_size}"
+            )
+        self.seq_len, self.micro_batch_size, self.packing = seq_len, micro_batch_size, packing
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.collate = MaskingCollator(
+            _make_masker(corpus, masking or MaskingConfig(), word_start), seed, self.dataset.pad
+        )
+        self.samples_per_epoch = len(self.dataset) // world_size
+        self._consumed = 0  # samples given to the caller, over all epochs
+        # A weak reference: the live iterator's frame refers to this loader, and a strong one back would
+        # make a cycle that only the garbage collector frees, which shuts worker processes down slowly.
+        self._live: weakref.ref[Generator[dict[str, torch.Tensor], None, None]] | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next sample."""
+        return self._consumed // self.samples_per_epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "samples_in_epoch": self._consumed % self.samples_per_epoch,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "seq_len": self.seq_len,
+            "packing": self.packing,
+            "num_blocks": len(self.dataset),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; refuses a state of another seed, world size, packing or corpus."""
+        mine = self.state_dict()
+        for key in ("seed", "world_size", "seq_len", "packing", "num_blocks"):
+            if key not in state:
+                raise ValueError(f"data loader state has no {key!r}: not a TrainLoader state_dict")
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"cannot resume the data loader: checkpoint has {key}={state[key]!r}, this run has "
+                    f"{key}={mine[key]!r}; the sample order would differ"
+                )
+        if not 0 <= state["samples_in_epoch"] < self.samples_per_epoch:
+            raise ValueError(
+                f"data loader state samples_in_epoch={state['samples_in_epoch']} is outside "
+                f"[0, {self.samples_per_epoch})"
+            )
+        self._consumed = state["epoch"] * self.samples_per_epoch + state["samples_in_epoch"]
+        self.close()
+
+    def _dataloader(self) -> DataLoader:
+        sampler = StridedBatchSampler(
+            len(self.dataset), self.micro_batch_size, self.seed, self.rank, self.world_size, self._consumed
+        )
+        workers = self.num_workers > 0
+        return DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            persistent_workers=False,
+        )
+
+    def close(self) -> None:
+        """Finish the live iterator, if any: its DataLoader iterator and worker processes go with it."""
+        live = self._live() if self._live is not None else None
+        if live is not None:
+            live.close()
+        self._live = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """A new iterator from the current position; the previous one (if any) is closed."""
+        self.close()
+        batches = self._batches()
+        self._live = weakref.ref(batches)
+        return batches
+
+    def _batches(self) -> Generator[dict[str, torch.Tensor], None, None]:
+        for batch in self._dataloader():
+            self._consumed += self.micro_batch_size
+            yield to_torch(batch, self.pin_memory)
+
+
+class ValidLoader:
+    """Finite validation batches: blocks in stream order, masks drawn once per sample from `seed`.
+
+    Rank r of W takes blocks r, r+W, ... of the first `num_blocks // W * W`: every rank gets the same
+    number of samples and batches, so every rank runs the same number of forward passes (ZeRO-3
+    gathers parameters in each); the last `num_blocks % W` blocks are not evaluated. Iterating again
+    gives identical batches.
+    """
+
+    def __init__(
+        self,
+        corpus: Corpus,
+        seq_len: int,
+        batch_size: int,
+        masking: MaskingConfig | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        packing: str = "full_sentences",
+        word_start: np.ndarray | None = None,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not within world_size {world_size}")
+        self.dataset = PackedBlocks(corpus, seq_len, packing)
+        self.batch_size = batch_size
+        self.collate = MaskingCollator(
+            _make_masker(corpus, masking or MaskingConfig(), word_start), seed, self.dataset.pad
+        )
+        if len(self.dataset) < world_size:
+            raise CorpusError(
+                f"{corpus.path}: split {corpus.split!r} packs into {len(self.dataset)} blocks of seq_len "
+                f"{seq_len}, fewer than world_size {world_size}"
+            )
+        self.positions = np.arange(rank, len(self.dataset) // world_size * world_size, world_size)
+
+    def __len__(self) -> int:
+        return -(-len(self.positions) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, len(self.positions), self.batch_size):
+            chunk = self.positions[i : i + self.batch_size]
+            yield to_torch(self.collate([self.dataset[(0, int(p), int(p))] for p in chunk]))
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "MaskingConfig",
+    "PackedBlocks",
+    "StridedBatchSampler",
+    "TrainLoader",
+    "ValidLoader",
+    "block_index",
+    "check_corpus",
+    "load_block_index",
+]
