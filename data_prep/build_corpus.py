@@ -1,0 +1,390 @@
+"""Tokenize text into a sharded token corpus (format: data_prep.shards, manifest: data_prep.corpus).
+
+    python -m data_prep.build_corpus input='data/*.txt.gz' tokenizer=out/tok output_dir=out/corpus
+    python -m data_prep.build_corpus ... num_tasks=4 task_index=2     # one of 4 independent tasks
+    python -m data_prep.build_corpus merge=true output_dir=out/corpus  # after all tasks: manifest.json
+
+How it works, and what it promises:
+  - Units of work are input files. The sorted input list numbers them; file i writes the shards
+    `<split>-<iiiii>-<ppppp>.bin/.idx` (a new part every `shard_tokens` tokens) and, when complete, a
+    record `.build/file-<iiiii>.json` (its shard entries with sha256, its counters).
+  - Split: a document goes to `valid` when blake2b(UTF-8 text) / 2**64 < valid_fraction, so it never
+    moves when files are added or reordered. Documents carry no <s>/</s>; text that reads "<mask>" is
+    encoded as characters (data_prep.tokenizer.document_encoder).
+  - Deterministic: the bytes depend only on the input and the settings (tokenizer, valid_fraction,
+    shard_tokens), never on `workers` or `num_tasks`: a K-task build merged gives exactly the files of a
+    one-process build. The manifest holds no timings (those go to the per-file records).
+  - Parallel: `workers`=1 (the default, and the fastest measured on 2 cores: see bench/data_prep.py)
+    tokenizes in a background thread with the tokenizers library's own threads, while the main
+    thread reads and writes; `workers`>1 runs that many single-threaded processes. Batches are
+    ~`batch_bytes` of text, at most 2 a worker in flight, so memory does not grow with the corpus.
+  - Corpus directory: the shards, manifest.json, and .build/ (settings.json, the per-file records,
+    merge.lock); a `.verified.json` appears once data_prep.corpus.Corpus.open has checked hashes.
+  - Scale-out: task t of K does the files i with i % K == t. When every file has a record (after the
+    last task, or in a one-task build), the task writes manifest.json; `merge=true` does it explicitly.
+  - Resumable: a rerun skips every file whose record exists and whose shards match their sha256;
+    other files are redone from their start (their stale shards removed first). A killed build, rerun,
+    ends with the same bytes as an uninterrupted one.
+  - Safe: an output directory that holds a corpus built with other settings is refused unless
+    overwrite=true (which removes that corpus's files, and only those).
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import fcntl
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from data_prep.cli import parse_args, run, setting
+from data_prep.corpus import MANIFEST, VERIFIED, check_shard_hashes, write_manifest
+from data_prep.io import InputError, Progress, ReadStats, expand_inputs, read_documents
+from data_prep.shards import FORMAT_VERSION, CorpusError, ShardWriter, token_dtype
+from data_prep.tokenizer import TokenizerError, document_encoder, load_tokenizer, special_ids, tokenizer_hash
+
+SPLITS = ("train", "valid")
+BUILD_DIR = ".build"  # settings.json and the per-file records
+SETTINGS = "settings.json"
+
+
+@dataclass
+class BuildCorpusArgs:
+    output_dir: str = setting(help="corpus directory (shards, manifest.json, .build/)")
+    input: str = setting("", "text files or globs, comma-separated (.txt/.jsonl[.gz])")
+    tokenizer: str = setting("", "tokenizer directory (data_prep.build_tokenizer)")
+    valid_fraction: float = setting(0.001, "share of documents in the valid split")
+    shard_tokens: int = setting(100_000_000, "start a new shard part after this many tokens")
+    workers: int = setting(1, "1: in-process (tokenizers threads); N>1: N processes")
+    batch_bytes: int = setting(1 << 20, "text per tokenizer batch (no effect on output)")
+    num_tasks: int = setting(1, "independent tasks sharing the input files")
+    task_index: int = setting(0, "this task, 0..num_tasks-1")
+    overwrite: bool = setting(False, "replace a different corpus found in output_dir")
+    merge: bool = setting(False, "only write manifest.json from the tasks' records")
+    progress: bool = setting(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if not self.merge and not (self.input and self.tokenizer):
+            raise ValueError("input= and tokenizer= are required (or merge=true)")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction={self.valid_fraction}: must be in [0, 1)")
+        for key in ("shard_tokens", "workers", "batch_bytes", "num_tasks"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
+        if not 0 <= self.task_index < self.num_tasks:
+            raise ValueError(f"task_index={self.task_index}: must be in 0..{self.num_tasks - 1}")
+
+
+# ---------------------------------------------------------------- tokenizing (in workers or in-process)
+
+_ENCODER = None  # the document encoder of this process
+_DTYPE: np.dtype | None = None
+
+
+def _set_encoder(tok: Tokenizer) -> None:
+    global _ENCODER, _DTYPE
+    _ENCODER = document_encoder(tok)
+    _DTYPE = token_dtype(tok.get_vocab_size())
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a worker process
+    _set_encoder(load_tokenizer(tokenizer_dir))
+
+
+def is_valid_doc(text: str, valid_fraction: float) -> bool:
+    """The split of a document, from a hash of its text alone."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < valid_fraction * 2.0**64
+
+
+def _encode(texts: list[str], valid_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(is_valid per doc, tokens per doc, all token ids back to back) for one batch."""
+    assert _ENCODER is not None and _DTYPE is not None, "_set_encoder first"
+    encodings = _ENCODER.encode_batch_fast(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+    all_ids = itertools.chain.from_iterable(e.ids for e in encodings)
+    ids = np.fromiter(all_ids, dtype=_DTYPE, count=int(lengths.sum()))
+    valid = np.fromiter((is_valid_doc(t, valid_fraction) for t in texts), dtype=bool, count=len(texts))
+    return valid, lengths, ids
+
+
+def _batches(docs: Iterator[str], batch_bytes: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    size = 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class Encoder:
+    """Tokenizes batches, results in input order, with at most 2 batches a worker in flight.
+
+    workers=1: one background thread (the tokenizers library releases the GIL and uses its own
+    threads), so reading and writing in the main thread overlap with tokenizing.
+    workers=N>1: N single-threaded processes.
+    """
+
+    def __init__(self, tok: Tokenizer, tokenizer_dir: str, workers: int, valid_fraction: float):
+        self.workers = workers
+        self.valid_fraction = valid_fraction
+        self._executor: concurrent.futures.Executor
+        if workers == 1:
+            _set_encoder(tok)
+            self._executor = concurrent.futures.ThreadPoolExecutor(1)
+        else:
+            self._executor = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(tokenizer_dir,),
+            )
+
+    def map(self, batches: Iterator[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+        try:
+            for batch in batches:
+                pending.append(self._executor.submit(_encode, batch, self.valid_fraction))
+                if len(pending) >= 2 * self.workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------- output directory bookkeeping
+
+def _settings(args: BuildCorpusArgs, paths: list[Path], tok: Tokenizer) -> dict:
+    """What defines the corpus bytes (and nothing that does not: no workers, tasks, timings)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
+        "tokenizer_hash": tokenizer_hash(args.tokenizer),
+        "vocab_size": tok.get_vocab_size(),
+        "special_tokens": special_ids(tok),
+        "valid_fraction": args.valid_fraction,
+        "shard_tokens": args.shard_tokens,
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Atomic write; the temporary name is per process, as tasks may write the same file at once."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _corpus_files(out: Path) -> list[Path]:
+    """The files a build writes into `out` (shards, temporaries, manifest, records): what overwrite
+    removes."""
+    shards = [f"{s}-*.{ext}" for s in SPLITS for ext in ("bin", "idx", "bin.tmp", "idx.tmp")]
+    names = shards + [MANIFEST, MANIFEST + ".tmp", VERIFIED, f"{BUILD_DIR}/*"]
+    return sorted({p for pattern in names for p in out.glob(pattern) if p.is_file()})
+
+
+def _prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse (or with overwrite, clear) a directory holding a corpus with other settings."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILD_DIR).mkdir(exist_ok=True)
+    spath = out / BUILD_DIR / SETTINGS
+    existing_files = _corpus_files(out)
+    if spath.is_file():
+        old = json.loads(spath.read_text())
+    elif (out / MANIFEST).is_file():
+        old = json.loads((out / MANIFEST).read_text()).get("build", {}).get("settings") or {}
+    else:
+        old = None if not existing_files else {}
+    if old is not None and old != settings:
+        if not overwrite:
+            differ = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+            raise CorpusError(
+                f"{out}: holds a different corpus (settings differ in {', '.join(differ)}); "
+                "pass overwrite=true to replace it, or choose another output_dir"
+            )
+        for p in _corpus_files(out):
+            p.unlink()
+    _write_json(spath, settings)
+
+
+def _record_path(out: Path, index: int) -> Path:
+    return out / BUILD_DIR / f"file-{index:05d}.json"
+
+
+def _load_record(out: Path, index: int, settings: dict) -> dict | None:
+    """The file's record if it exists, matches the settings and all its shards verify; else None."""
+    path = _record_path(out, index)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record.get("settings") != settings:
+            return None
+        check_shard_hashes(out, [s for split in SPLITS for s in record["shards"][split]], use_cache=False)
+    except (json.JSONDecodeError, KeyError, OSError, CorpusError):
+        return None
+    return record
+
+
+def _shard_prefix(split: str, index: int) -> str:
+    """Shards are named by the input file's position in the sorted input list, whatever the task."""
+    return f"{split}-{index:05d}-"
+
+
+def _shard_name(split: str, index: int, part: int) -> str:
+    return f"{_shard_prefix(split, index)}{part:05d}"
+
+
+# ---------------------------------------------------------------- the build
+
+def _build_file(out: Path, index: int, path: Path, encoder: Encoder, args: BuildCorpusArgs,
+                settings: dict, dtype: np.dtype, progress: Progress) -> dict:
+    """Tokenize one input file into its shards; write and return its record."""
+    start = time.perf_counter()
+    _record_path(out, index).unlink(missing_ok=True)  # a stale record must not be merged meanwhile
+    for split in SPLITS:  # leftovers of an interrupted attempt
+        for stale in out.glob(_shard_prefix(split, index) + "*"):
+            stale.unlink()
+    stats = ReadStats()
+    writers: dict[str, ShardWriter | None] = {s: None for s in SPLITS}
+    parts = {s: 0 for s in SPLITS}
+    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    docs = read_documents(path, stats, progress)
+    for valid, lengths, ids in encoder.map(_batches(docs, args.batch_bytes)):
+        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()  # Python ints: cheap per document
+        for j, is_valid in enumerate(valid.tolist()):
+            split = "valid" if is_valid else "train"
+            writer = writers[split]
+            if writer is None:
+                writer = writers[split] = ShardWriter(out, _shard_name(split, index, parts[split]), dtype)
+                parts[split] += 1
+            writer.add(ids[bounds[j] : bounds[j + 1]])
+            if writer.num_tokens >= args.shard_tokens:
+                shards[split].append(writer.close())
+                writers[split] = None
+    for split, writer in writers.items():
+        if writer is not None:
+            shards[split].append(writer.close())
+    record = {
+        "index": index,
+        "path": str(path),
+        "settings": settings,
+        "shards": shards,
+        "counters": {
+            **stats.as_dict(),
+            **{f"{s}_documents": sum(e["documents"] for e in shards[s]) for s in SPLITS},
+            **{f"{s}_tokens": sum(e["tokens"] for e in shards[s]) for s in SPLITS},
+        },
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    _write_json(_record_path(out, index), record)
+    return record
+
+
+def merge(output_dir: str | os.PathLike) -> dict:
+    """Write manifest.json from the per-file records of all tasks; raises if one is missing."""
+    out = Path(output_dir)
+    spath = out / BUILD_DIR / SETTINGS
+    if not spath.is_file():
+        raise CorpusError(f"{spath}: missing; {out} is not a corpus build directory")
+    # tasks that finish together take turns here: write_manifest uses one temporary file name
+    with open(out / BUILD_DIR / "merge.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _merge_locked(out, json.loads(spath.read_text()))
+
+
+def _merge_locked(out: Path, settings: dict) -> dict:
+    """The records of every input file, in input order, summed into one manifest."""
+    records = []
+    missing = []
+    for index in range(len(settings["inputs"])):
+        path = _record_path(out, index)
+        record = json.loads(path.read_text()) if path.is_file() else None
+        if record is None or record.get("settings") != settings:
+            missing.append(index)
+        else:
+            records.append(record)
+    if missing:
+        raise CorpusError(
+            f"{out}: input files {missing[:20]}{'…' if len(missing) > 20 else ''} are not built yet "
+            f"({len(missing)} of {len(settings['inputs'])}); run the remaining tasks first"
+        )
+    counters: dict[str, int] = collections.Counter()
+    for record in records:
+        counters.update(record["counters"])
+    if counters["documents"] == 0:
+        raise CorpusError(
+            f"the input holds no documents ({len(records)} files, {counters['skipped_empty']} empty "
+            f"documents skipped): nothing to write to {out}"
+        )
+    return write_manifest(
+        out,
+        tokenizer_hash=settings["tokenizer_hash"],
+        vocab_size=settings["vocab_size"],
+        special_tokens=settings["special_tokens"],
+        splits={s: [e for r in records for e in r["shards"][s]] for s in SPLITS},
+        build={"settings": settings, "counters": dict(sorted(counters.items()))},
+    )
+
+
+def build_corpus(args: BuildCorpusArgs) -> dict:
+    """Build this task's files (skipping verified ones); write the manifest when all are done.
+    Returns a summary: files built / skipped, counters, seconds, and whether the manifest was written."""
+    if args.merge:
+        manifest = merge(args.output_dir)
+        return {"manifest": str(Path(args.output_dir) / MANIFEST), **manifest["build"]["counters"]}
+    start = time.perf_counter()
+    out = Path(args.output_dir)
+    paths = expand_inputs(args.input)
+    tok = load_tokenizer(args.tokenizer)
+    settings = _settings(args, paths, tok)
+    _prepare_output(out, settings, args.overwrite)
+    dtype = token_dtype(settings["vocab_size"])
+    mine = [(i, p) for i, p in enumerate(paths) if i % args.num_tasks == args.task_index]
+    todo = [(i, p) for i, p in mine if _load_record(out, i, settings) is None]
+    counters: dict[str, int] = collections.Counter()
+    if todo:
+        encoder = Encoder(tok, args.tokenizer, args.workers, args.valid_fraction)
+        progress = Progress([p for _, p in todo], f"task {args.task_index}", enabled=args.progress)
+        try:
+            for i, path in todo:
+                record = _build_file(out, i, path, encoder, args, settings, dtype, progress)
+                counters.update(record["counters"])
+        finally:
+            progress.close()
+            encoder.close()
+    done = all(_record_path(out, i).is_file() for i in range(len(paths)))
+    if done:
+        merge(out)
+    return {
+        "files_built": len(todo), "files_skipped": len(mine) - len(todo), **dict(sorted(counters.items())),
+        "seconds": round(time.perf_counter() - start, 2),
+        "manifest": str(out / MANIFEST) if done else "not yet (other tasks still to run; then merge=true)",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(BuildCorpusArgs, argv)
+    summary = build_corpus(args)
+    print(" ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, (InputError, TokenizerError, CorpusError, OSError))

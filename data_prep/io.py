@@ -1,0 +1,252 @@
+"""Stream documents from text files: the one reader shared by the tokenizer and corpus builders.
+
+Formats (chosen by file name; each may also end in `.gz`):
+  `.txt`    plain text; documents are separated by blank lines (a line of only whitespace counts
+            as blank), the fairseq convention. A document's lines are joined with "\\n".
+  `.jsonl`  JSON lines; one document per line, in the field `text`.
+
+Bad input is handled, never a crash, and counted in `ReadStats`:
+  - invalid UTF-8 bytes are replaced by U+FFFD (`invalid_utf8` counts the replacements; a JSON
+    string's lone surrogates count too);
+  - empty and whitespace-only documents are skipped (`skipped_empty`; in `.txt` a run of blank
+    lines is a separator, not a document, so only `.jsonl` produces these);
+  - a leading byte-order mark is dropped, CRLF line ends become LF, a missing final newline is fine;
+    NUL and other control characters are kept (byte-level BPE encodes every character).
+A missing file, a pattern that matches nothing, an unknown extension or a malformed JSON line is an
+`InputError` naming the file (and line).
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+BOM = b"\xef\xbb\xbf"
+REPLACEMENT = "\ufffd"
+_REPLACEMENT_BYTES = REPLACEMENT.encode()
+
+
+class InputError(ValueError):
+    """An input file is missing, of an unknown kind, or malformed."""
+
+
+@dataclass
+class ReadStats:
+    """Counters of what the reader saw (one object may be passed across several files)."""
+
+    files: int = 0
+    documents: int = 0  # documents yielded
+    bytes: int = 0  # UTF-8 bytes of the documents yielded
+    skipped_empty: int = 0  # empty / whitespace-only documents skipped
+    invalid_utf8: int = 0  # invalid byte sequences (or lone surrogates) replaced by U+FFFD
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def expand_inputs(spec: str | Iterable[str]) -> list[Path]:
+    """Comma-separated file names or glob patterns -> the sorted, de-duplicated list of files.
+
+    Raises InputError naming the entry when a plain name does not exist, a pattern matches no file,
+    a file has an unknown extension, or the whole list is empty.
+    """
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    items = [s for s in items if s]
+    if not items:
+        raise InputError("no input given: pass input=<file, glob or comma-separated list>")
+    found: set[Path] = set()
+    for item in items:
+        if glob.has_magic(item):
+            matches = [Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file()]
+            if not matches:
+                raise InputError(f"{item}: the pattern matches no file")
+        else:
+            if not Path(item).is_file():
+                raise InputError(f"{item}: no such file")
+            matches = [Path(item)]
+        for path in matches:
+            document_format(path)  # fail early on an unknown extension
+            found.add(path.resolve())
+    return sorted(found)
+
+
+def document_format(path: str | os.PathLike) -> str:
+    """'txt' or 'jsonl' from the file name (a trailing .gz is ignored)."""
+    name = Path(path).name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for ext in ("txt", "jsonl"):
+        if name.endswith("." + ext):
+            return ext
+    raise InputError(f"{path}: unknown input kind (expected .txt or .jsonl, optionally .gz)")
+
+
+@contextmanager
+def _open_binary(path: Path) -> Iterator[tuple[BinaryIO, BinaryIO]]:
+    """(stream of decompressed bytes, the raw file whose tell() is the on-disk position)."""
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"{path}: cannot open ({e.strerror})") from None
+    with raw:
+        if path.name.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                yield gz, raw  # type: ignore[misc]
+        else:
+            yield raw, raw
+
+
+def _decode(data: bytes, stats: ReadStats) -> str:
+    """UTF-8 text; each invalid byte sequence becomes U+FFFD and is counted."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        stats.invalid_utf8 += text.count(REPLACEMENT) - data.count(_REPLACEMENT_BYTES)
+        return text
+
+
+def _clean(text: str, stats: ReadStats) -> str:
+    """Replace lone surrogates (possible from JSON escapes) so that the text encodes as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        stats.invalid_utf8 += sum(1 for ch in text if "\ud800" <= ch <= "\udfff")
+        return "".join(REPLACEMENT if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return text
+
+
+def _blocks(path: Path, stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+    """Raw blocks of about `size` bytes, each ending just after a "\n" (except the last), so that no
+    line, and no multi-byte character, is cut; the leading BOM dropped."""
+    carry = b""
+    first = True
+    while True:
+        try:
+            block = stream.read(size)
+        except (OSError, EOFError) as e:  # a corrupt or truncated .gz
+            raise InputError(f"{path}: cannot read ({e})") from None
+        if first:
+            first = False
+            if block.startswith(BOM):
+                block = block[len(BOM) :]
+        if not block:
+            if carry:
+                yield carry
+            return
+        data = carry + block
+        cut = data.rfind(b"\n") + 1
+        carry = data[cut:]
+        if cut:
+            yield data[:cut]
+
+
+# a blank-line separator: a newline, then one or more lines of only whitespace (other than "\n")
+_SEPARATOR = re.compile(r"\n(?:[^\S\n]*\n)+")
+
+
+def _txt_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadStats,
+                   progress: "Progress | None") -> Iterator[str]:
+    """Documents of a blank-line separated text: split a block at a time (no Python loop per line)."""
+    tail = "\n\n"  # text after the last separator seen; starts as one, so leading blank lines separate
+    for block in _blocks(path, stream):
+        if progress is not None:
+            progress.at(raw.tell())
+        parts = _SEPARATOR.split(tail + _decode(block, stats).replace("\r\n", "\n"))
+        tail = parts.pop()
+        yield from (p for p in parts if p.strip())
+    # at the end: an implicit final newline, so a last line of only whitespace is blank too
+    for part in _SEPARATOR.split(tail + "\n"):
+        part = part[:-1] if part.endswith("\n") else part
+        if part.strip():
+            yield part
+
+
+def _jsonl_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadStats,
+                     progress: "Progress | None") -> Iterator[str]:
+    """The `text` field of each JSON line; blank lines between records are not documents."""
+    n = 0
+    for block in _blocks(path, stream):
+        if progress is not None:
+            progress.at(raw.tell())
+        for line in _decode(block, stats).split("\n"):
+            n += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise InputError(f"{path}:{n}: expected a JSON object with a string field 'text'")
+            yield _clean(record["text"], stats)
+        n -= 1  # a block ends with "\n": its last (empty) piece is not a line
+
+
+def read_documents(
+    path: str | os.PathLike, stats: ReadStats | None = None, progress: "Progress | None" = None
+) -> Iterator[str]:
+    """Yield the documents of one file, in order, updating `stats` (and `progress`) as it reads."""
+    path = Path(path)
+    reader = {"txt": _txt_documents, "jsonl": _jsonl_documents}[document_format(path)]
+    stats = stats if stats is not None else ReadStats()
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    stats.files += 1
+    with _open_binary(path) as (stream, raw):
+        for text in reader(path, stream, raw, stats, progress):
+            if not text.strip():
+                stats.skipped_empty += 1
+                continue
+            stats.documents += 1
+            stats.bytes += len(text.encode("utf-8"))
+            yield text
+        if progress is not None:
+            progress.at(raw.tell())
+            progress.end_file()
+
+
+class Progress:
+    """A tqdm bar over the on-disk bytes of a list of files (compressed bytes for .gz)."""
+
+    def __init__(self, paths: list[Path], desc: str, enabled: bool = True):
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=desc,
+            disable=not enabled, mininterval=1.0,
+        )
+        self._pos = 0  # position in the current file
+
+    def at(self, pos: int) -> None:
+        self._bar.update(pos - self._pos)
+        self._pos = pos
+
+    def end_file(self) -> None:
+        self._pos = 0
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def iter_documents(
+    paths: Iterable[Path],
+    stats: ReadStats | None = None,
+    max_bytes: int = 0,
+    progress: Progress | None = None,
+) -> Iterator[str]:
+    """All documents of `paths` in order; with `max_bytes` > 0, stop at the first document that
+    brings the total past max_bytes (a deterministic prefix sample of the input)."""
+    stats = stats if stats is not None else ReadStats()
+    for path in paths:
+        for doc in read_documents(path, stats, progress):
+            yield doc
+            if max_bytes and stats.bytes >= max_bytes:
+                return

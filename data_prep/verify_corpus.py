@@ -1,0 +1,72 @@
+"""Check every file of a corpus against its manifest: the full, uncached check.
+
+    python -m data_prep.verify_corpus path=out/corpus
+
+For every shard of every split: the `.idx` header and size, document and token counts, the recorded
+file sizes, the sha256 of both files (never the `.verified.json` cache), and that every token id is
+below the vocab size. Exits 0 with a summary, or 1 with `error: <file>: <problem>`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.cli import parse_args, run, setting
+from data_prep.corpus import Corpus, check_shard_hashes, load_manifest
+from data_prep.shards import CorpusError
+
+_CHUNK = 1 << 24  # tokens scanned at a time for the id range check
+
+
+@dataclass
+class VerifyCorpusArgs:
+    path: str = setting(help="corpus directory (with manifest.json)")
+
+
+def verify_corpus(path: str | Path) -> dict:
+    """Raise CorpusError naming the first bad file; return {split: {documents, tokens, shards}}."""
+    root = Path(path)
+    manifest = load_manifest(root)
+    vocab_size = manifest["vocab_size"]
+    summary = {}
+    for split, info in manifest["splits"].items():
+        entries = info["shards"]
+        for entry in entries:
+            for kind in ("bin", "idx"):
+                fpath = root / entry[kind]
+                if not fpath.is_file():
+                    raise CorpusError(f"{fpath}: missing")
+                if fpath.stat().st_size != entry[f"{kind}_bytes"]:
+                    raise CorpusError(
+                        f"{fpath}: {fpath.stat().st_size} bytes, the manifest says {entry[f'{kind}_bytes']}"
+                    )
+        corpus = Corpus.open(root, split, verify_hashes=False)  # headers, sizes, counts
+        check_shard_hashes(root, entries, use_cache=False)
+        for entry, (tokens, _) in zip(entries, corpus.shard_arrays()):
+            for start in range(0, len(tokens), _CHUNK):
+                top = int(np.max(tokens[start : start + _CHUNK]))
+                if top >= vocab_size:
+                    raise CorpusError(f"{root / entry['bin']}: token id {top} >= vocab_size {vocab_size}")
+        if len(corpus) != info["documents"] or corpus.num_tokens != info["tokens"]:
+            raise CorpusError(
+                f"{root / 'manifest.json'}: split {split!r} totals ({info['documents']} documents, "
+                f"{info['tokens']} tokens) do not match its shards ({len(corpus)}, {corpus.num_tokens})"
+            )
+        summary[split] = {"documents": len(corpus), "tokens": corpus.num_tokens, "shards": len(entries)}
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(VerifyCorpusArgs, argv)
+    summary = verify_corpus(args.path)
+    parts = [f"{s}: {v['documents']} documents, {v['tokens']} tokens, {v['shards']} shards"
+             for s, v in summary.items()]
+    print(f"ok {args.path} ({'; '.join(parts)})")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, (CorpusError, OSError))

@@ -1,0 +1,249 @@
+"""The corpus builder: content, determinism over workers and tasks, resume after a kill, refusals."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.build_corpus import BuildCorpusArgs, build_corpus, is_valid_doc, merge
+from data_prep.corpus import Corpus, load_manifest
+from data_prep.io import read_documents
+from data_prep.shards import CorpusError
+from data_prep.tokenizer import document_encoder, import_gpt2, load_tokenizer, save_tokenizer, tokenizer_hash
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def corpus_bytes(root: Path) -> dict[str, bytes]:
+    """Everything a corpus is made of (manifest and shards), by name."""
+    files = [root / "manifest.json", *sorted(root.glob("*.bin")), *sorted(root.glob("*.idx"))]
+    return {p.name: p.read_bytes() for p in files}
+
+
+def split_jargon(tmp_path: Path, jargon_path: Path, parts: int, max_docs: int = 4000) -> list[Path]:
+    """The first max_docs documents of the Jargon File as `parts` .txt files (doc k -> file k % parts)."""
+    docs = list(read_documents(jargon_path))[:max_docs]
+    paths = []
+    for i in range(parts):
+        p = tmp_path / "in" / f"part{i:02d}.txt"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("\n\n".join(docs[i::parts]) + "\n")
+        paths.append(p)
+    return paths
+
+
+def build(tmp_path: Path, name: str, inputs, tokenizer: Path, **kw) -> Path:
+    out = tmp_path / name
+    spec = ",".join(str(p) for p in inputs) if isinstance(inputs, list) else str(inputs)
+    build_corpus(
+        BuildCorpusArgs(output_dir=str(out), input=spec, tokenizer=str(tokenizer), progress=False, **kw)
+    )
+    return out
+
+
+def test_jargon_corpus_holds_the_documents(jargon_corpus, jargon_tokenizer, jargon_path):
+    manifest = load_manifest(jargon_corpus)
+    assert manifest["tokenizer_hash"] == tokenizer_hash(jargon_tokenizer)
+    assert manifest["vocab_size"] == 8192 and manifest["dtype"] == "uint16"
+    assert manifest["special_tokens"] == {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": 8191}
+    counters = manifest["build"]["counters"]
+    assert counters["documents"] == 11857 and counters["skipped_empty"] == 0
+    train = Corpus.open(jargon_corpus, "train", expect_tokenizer_hash=tokenizer_hash(jargon_tokenizer),
+                        expect_vocab_size=8192)
+    valid = Corpus.open(jargon_corpus, "valid")
+    assert len(train) + len(valid) == 11857 and 50 < len(valid) < 600
+    # every document, in order, is the tokenized text; the split follows the text's hash
+    enc = document_encoder(load_tokenizer(jargon_tokenizer))
+    it = {"train": iter(range(len(train))), "valid": iter(range(len(valid)))}
+    corpora = {"train": train, "valid": valid}
+    for k, text in enumerate(read_documents(jargon_path)):
+        split = "valid" if is_valid_doc(text, 0.02) else "train"
+        ids = corpora[split][next(it[split])]
+        if k % 50 == 0:  # decoding all 11.8K documents is slow; check every 50th fully
+            assert enc.decode(ids.tolist(), skip_special_tokens=False) == text
+            assert ids.tolist() == enc.encode(text, add_special_tokens=False).ids
+        assert 0 not in ids[:1] and 2 not in ids[-1:]  # no <s>/</s> added
+
+
+def test_same_bytes_whatever_the_workers(tmp_path, jargon_tokenizer, jargon_path):
+    inputs = split_jargon(tmp_path, jargon_path, parts=3, max_docs=3000)
+    one = build(tmp_path, "w1", inputs, jargon_tokenizer, shard_tokens=5_000, batch_bytes=50_000)
+    two = build(tmp_path, "w2", inputs, jargon_tokenizer, shard_tokens=5_000, batch_bytes=7_000, workers=2)
+    assert corpus_bytes(one) == corpus_bytes(two)
+    names = sorted(p.name for p in one.glob("*.bin"))
+    assert "train-00000-00001.bin" in names and "valid-00002-00000.bin" in names  # parts and per-file names
+    # reading the parts back gives every file's documents in order, file after file
+    enc = document_encoder(load_tokenizer(jargon_tokenizer))
+    for split in ("train", "valid"):
+        corpus = Corpus.open(one, split)
+        want = [d for p in inputs for d in read_documents(p) if is_valid_doc(d, 0.001) == (split == "valid")]
+        assert [corpus[i].tolist() for i in range(len(corpus))] == [
+            e.ids for e in enc.encode_batch(want, add_special_tokens=False)
+        ]
+
+
+def test_two_tasks_merged_equal_one_process(tmp_path, jargon_tokenizer, jargon_path):
+    inputs = split_jargon(tmp_path, jargon_path, parts=3, max_docs=1500)
+    single = build(tmp_path, "single", inputs, jargon_tokenizer)
+    out = tmp_path / "tasks"
+    common = dict(output_dir=str(out), input=",".join(map(str, inputs)), tokenizer=str(jargon_tokenizer),
+                  progress=False)
+    summary = build_corpus(BuildCorpusArgs(**common, num_tasks=2, task_index=0))
+    assert summary["files_built"] == 2 and not (out / "manifest.json").exists()  # files 0 and 2
+    with pytest.raises(CorpusError, match=r"input files \[1\] are not built yet"):
+        merge(out)
+    summary = build_corpus(BuildCorpusArgs(**common, num_tasks=2, task_index=1))
+    assert summary["files_built"] == 1 and (out / "manifest.json").exists()  # the last task merges
+    (out / "manifest.json").unlink()
+    build_corpus(BuildCorpusArgs(output_dir=str(out), merge=True))
+    assert corpus_bytes(out) == corpus_bytes(single)
+
+
+def test_two_tasks_at_once_like_a_slurm_array(tmp_path, jargon_tokenizer, jargon_path):
+    inputs = split_jargon(tmp_path, jargon_path, parts=4, max_docs=2000)
+    single = build(tmp_path, "single", inputs, jargon_tokenizer)
+    out = tmp_path / "array"
+    argv = [sys.executable, "-m", "data_prep.build_corpus", f"input={','.join(map(str, inputs))}",
+            f"tokenizer={jargon_tokenizer}", f"output_dir={out}", "num_tasks=2", "progress=false"]
+    procs = [subprocess.Popen([*argv, f"task_index={t}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+             for t in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    assert corpus_bytes(out) == corpus_bytes(single)
+
+
+def test_split_does_not_move_when_files_are_added(tmp_path, jargon_tokenizer, jargon_path):
+    a, b = split_jargon(tmp_path, jargon_path, parts=2, max_docs=1000)
+    only_a = build(tmp_path, "a", [a], jargon_tokenizer, valid_fraction=0.1)
+    both = build(tmp_path, "ab", [a, b], jargon_tokenizer, valid_fraction=0.1)
+    for name in ("train-00000-00000.bin", "valid-00000-00000.bin", "valid-00000-00000.idx"):
+        assert (only_a / name).read_bytes() == (both / name).read_bytes()
+
+
+def test_bad_input_is_counted_not_fatal(tmp_path, jargon_tokenizer):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_bytes(
+        b"\xef\xbb\xbfBOM first\r\nCRLF line\r\n\r\nbad \xff\xfe bytes\n\nNUL\x00inside\n\n"
+        + b"word " * 2_000_000  # a 10 MB last line, no final newline
+    )
+    (src / "b.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"text": t}) + "\n" for t in ["", "   ", "json doc", "<mask> as text"]).encode()
+    ))
+    out = build(tmp_path, "out", f"{src}/*", jargon_tokenizer, valid_fraction=0.0)
+    counters = load_manifest(out)["build"]["counters"]
+    assert counters["documents"] == 6 and counters["skipped_empty"] == 2 and counters["invalid_utf8"] == 2
+    enc = document_encoder(load_tokenizer(jargon_tokenizer))
+    train = Corpus.open(out, "train")
+    texts = [enc.decode(train[i].tolist(), skip_special_tokens=False) for i in range(len(train))]
+    assert texts[:3] == ["BOM first\nCRLF line", "bad \ufffd\ufffd bytes", "NUL\x00inside"]
+    assert texts[3] == "word " * 2_000_000 and texts[4:] == ["json doc", "<mask> as text"]
+    assert len(Corpus.open(out, "valid")) == 0
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "data_prep.build_corpus", *args, "progress=false"],
+                       capture_output=True, text=True, cwd=REPO)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_missing_or_empty_input_fails_clearly(tmp_path, jargon_tokenizer):
+    r = run_cli(f"input={tmp_path}/nope.txt", f"tokenizer={jargon_tokenizer}", f"output_dir={tmp_path / 'o'}")
+    assert r.returncode == 1 and "nope.txt: no such file" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    with pytest.raises(CorpusError, match="the input holds no documents"):
+        build(tmp_path, "o2", tmp_path / "blank.txt", jargon_tokenizer)
+    r = run_cli(f"input={tmp_path}/blank.txt", f"output_dir={tmp_path / 'o'}")
+    assert r.returncode == 2 and "tokenizer= are required" in r.stderr
+    r = run_cli(f"input={tmp_path}/blank.txt", f"tokenizer={jargon_tokenizer}",
+                f"output_dir={tmp_path / 'o'}", "workers=two")
+    assert r.returncode == 2 and "workers='two': not a valid int" in r.stderr
+
+
+def test_a_different_corpus_is_refused_unless_overwrite(tmp_path, jargon_tokenizer, jargon_path):
+    (inp,) = split_jargon(tmp_path, jargon_path, parts=1, max_docs=300)
+    out = build(tmp_path, "out", [inp], jargon_tokenizer, valid_fraction=0.1)
+    before = corpus_bytes(out)
+    with pytest.raises(CorpusError, match=r"holds a different corpus \(settings differ in valid_fraction\)"):
+        build(tmp_path, "out", [inp], jargon_tokenizer, valid_fraction=0.2)
+    assert corpus_bytes(out) == before
+    r = run_cli(f"input={inp}", f"tokenizer={jargon_tokenizer}", f"output_dir={out}", "shard_tokens=1000")
+    assert r.returncode == 1 and "overwrite=true" in r.stderr
+    build(tmp_path, "out", [inp], jargon_tokenizer, valid_fraction=0.2, overwrite=True)
+    fresh = build(tmp_path, "fresh", [inp], jargon_tokenizer, valid_fraction=0.2)
+    assert corpus_bytes(out) == corpus_bytes(fresh)
+    # a directory with stray shard files but no build record is refused too
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "train-00000-00000.bin").write_bytes(b"x")
+    with pytest.raises(CorpusError, match="holds a different corpus"):
+        build(tmp_path, "stray", [inp], jargon_tokenizer)
+    # so is a corpus written by other means (a manifest without our build settings)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"format_version": 1, "build": {}}))
+    with pytest.raises(CorpusError, match="holds a different corpus"):
+        build(tmp_path, "other", [inp], jargon_tokenizer)
+
+
+def test_rerun_skips_verified_files_and_redoes_corrupt_ones(tmp_path, jargon_tokenizer, jargon_path):
+    inputs = split_jargon(tmp_path, jargon_path, parts=2, max_docs=600)
+    out = build(tmp_path, "out", inputs, jargon_tokenizer)
+    before = corpus_bytes(out)
+    args = BuildCorpusArgs(output_dir=str(out), input=",".join(map(str, inputs)),
+                           tokenizer=str(jargon_tokenizer), progress=False)
+    assert build_corpus(args)["files_skipped"] == 2
+    shard = out / "train-00001-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    summary = build_corpus(args)
+    assert summary["files_built"] == 1 and summary["files_skipped"] == 1
+    assert corpus_bytes(out) == before
+
+
+def test_killed_build_resumes_to_the_same_bytes(tmp_path, jargon_tokenizer, jargon_path):
+    inputs = split_jargon(tmp_path, jargon_path, parts=12, max_docs=11857)
+    spec = ",".join(map(str, inputs))
+    reference = build(tmp_path, "reference", inputs, jargon_tokenizer, shard_tokens=5000)
+    out = tmp_path / "killed"
+    argv = [sys.executable, "-m", "data_prep.build_corpus", f"input={spec}", f"tokenizer={jargon_tokenizer}",
+            f"output_dir={out}", "shard_tokens=5000", "progress=false", "batch_bytes=4000"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / ".build" / "file-00000.json"
+    deadline = time.monotonic() + 60
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists() and not (out / "manifest.json").exists(), "the build was not killed mid-way"
+    stamp = (out / "train-00000-00000.bin").stat().st_mtime_ns
+    rerun = [a for a in argv if not a.startswith("batch_bytes")]
+    r = subprocess.run(rerun, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "files_skipped=0" not in r.stdout
+    assert (out / "train-00000-00000.bin").stat().st_mtime_ns == stamp  # file 0 was not redone
+    assert not list(out.glob("*.tmp"))
+    assert corpus_bytes(out) == corpus_bytes(reference)
+
+
+def test_imported_gpt2_vocabulary_builds_a_corpus(tmp_path):
+    gpt2 = REPO / "tests" / "assets" / "gpt2"
+    tok_dir = save_tokenizer(import_gpt2(gpt2 / "encoder.json", gpt2 / "vocab.bpe"), tmp_path / "tok")
+    (tmp_path / "a.txt").write_text("Hello world\n\nanother document")
+    out = build(tmp_path, "out", tmp_path / "a.txt", tok_dir)
+    manifest = load_manifest(out)
+    assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 50262
+    docs = Corpus.open(out, "train")
+    assert docs[0].tolist() == [15500, 999] and docs[0].dtype == np.dtype("<u2")
