@@ -17,8 +17,8 @@ for a in "$@"; do case "$a" in output_dir=*) out=${a#output_dir=} ;; esac; done
 # shellcheck disable=SC2086
 array=$(sbatch --parsable ${SBATCH_ARGS:-} --array=0-$((K - 1)) "$here/prep.sbatch" "$@")
 # shellcheck disable=SC2086
-merge=$(sbatch --parsable ${SBATCH_ARGS:-} --job-name=prep-merge --dependency=afterok:"$array" \
-  --ntasks=1 --output=logs/%x-%j.out \
-  --wrap "cd '$PWD' && source '${VENV:-$PWD/.venv}/bin/activate' && python -m data_prep.build_corpus merge=true output_dir='$out'")
+merge=$(sbatch --parsable --job-name=prep-merge --ntasks=1 --output=logs/%x-%j.out ${SBATCH_ARGS:-} \
+  --dependency=afterok:"$array" \
+  --wrap ". '${VENV:-$PWD/.venv}/bin/activate' && cd '$PWD' && exec python -m data_prep.build_corpus merge=true output_dir='$out'")
 echo "array $array"
 echo "merge $merge"
