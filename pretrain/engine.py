@@ -1,0 +1,224 @@
+"""The two training backends behind one small interface: DeepSpeed (ZeRO 0-3) and plain PyTorch.
+
+    engine = build_engine(run_cfg, model, optimizer, scheduler, device, grad_accum)
+    out = engine.forward(batch)                    # MaskedLMOutput, loss summed over masked tokens
+    engine.backward(out.loss * engine.grad_scale / global_count)   # then, per micro-batch:
+    engine.micro_step(boundary, skip)              # at the boundary: the optimizer step (or a skip)
+    engine.save(dir) / engine.load(dir)
+
+Loss scaling: the step's loss is the sum of token losses over all masked tokens of the global batch
+divided by their number. Each micro-batch's summed loss is multiplied by `grad_scale / global_count`:
+DeepSpeed averages gradients over the data-parallel ranks, so its `grad_scale` is the world size
+(and `backward` is told not to divide by the accumulation steps); the torch backend's is 1.
+
+Skipping: `micro_step(boundary=True, skip=True)` leaves parameters and optimizer moments untouched
+(`SkippableAdamW`) while the step count and the learning-rate schedule advance. It returns whether the
+update was applied (False also when DeepSpeed's own overflow check found a non-finite gradient).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.config import PretrainConfig
+from pretrain.model import MaskedLMOutput
+from pretrain.optim import SkippableAdamW
+
+
+class TorchEngine:
+    """One process, one device: autocast for bf16 (fp32 master weights), AdamW, optional clipping."""
+
+    def __init__(self, model: nn.Module, optimizer: SkippableAdamW, scheduler: Any, cfg: PretrainConfig,
+                 device: torch.device):
+        self.module = model.to(device)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.device = device
+        self.grad_clip = cfg.optim.grad_clip
+        self.bf16 = cfg.system.precision == "bf16"
+        self.grad_scale = 1.0
+        self._norm: torch.Tensor | None = None
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MaskedLMOutput:
+        with self._autocast():
+            return self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global gradient norm (a device tensor, no host sync), after clipping to it when asked."""
+        grads = [p.grad for p in self._params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.grad_clip, norm)
+        self._norm = norm
+        return norm
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        return None if self._norm is None else float(self._norm)
+
+    def micro_step(self, boundary: bool, skip: bool) -> bool:
+        if not boundary:
+            return True
+        self.optimizer.skip_next = skip
+        self.optimizer.step()
+        self.optimizer.skip_next = False
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return not skip
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def save(self, directory: Path) -> None:
+        """Model, optimizer and scheduler state (one process: rank 0 writes them)."""
+        torch.save(self.module.state_dict(), directory / "model.pt")
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+
+    def load(self, directory: Path) -> None:
+        self.module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
+
+
+def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
+    """The DeepSpeed config dict of a run (the optimizer and scheduler are client objects)."""
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+        "allgather_bucket_size": ds.allgather_bucket_size,
+    }
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.system.pin_memory}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.system.pin_memory}
+    return {
+        "train_batch_size": cfg.schedule.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.system.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.system.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """`deepspeed.initialize` with the client AdamW and LambdaLR; any ZeRO stage, fp32 or bf16."""
+
+    TAG = "deepspeed"
+    """The DeepSpeed checkpoint tag: its files live in `<checkpoint>/deepspeed/`."""
+
+    def __init__(self, model: nn.Module, optimizer: SkippableAdamW, scheduler: Any, cfg: PretrainConfig,
+                 device: torch.device, grad_accum: int):
+        import deepspeed
+
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model.to(device),
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, grad_accum),
+        )
+        self.module = self.engine.module
+        self.device = device
+        self.grad_scale = float(self.engine.dp_world_size)
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> MaskedLMOutput:
+        return self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def grad_norm(self) -> None:
+        """None: DeepSpeed checks the gradients inside its step (bf16, or fp32 with clipping)."""
+        return None
+
+    def micro_step(self, boundary: bool, skip: bool) -> bool:
+        if boundary:
+            self.optimizer.skip_next = skip
+        self.engine.step()
+        if not boundary:
+            return True
+        self.optimizer.skip_next = False
+        applied = self.engine.was_step_applied()
+        if not applied:  # DeepSpeed's overflow check skipped it and left the schedule behind: catch up
+            self.scheduler.step()
+        return applied and not skip
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, directory: Path) -> None:
+        """All ranks: model (rank 0), ZeRO partitions (each rank), optimizer and scheduler."""
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"{directory}/{self.TAG}: DeepSpeed found no checkpoint to load")
+
+
+Engine = TorchEngine | DeepSpeedEngine
+
+
+def build_engine(cfg: PretrainConfig, model: nn.Module, optimizer: SkippableAdamW, scheduler: Any,
+                 device: torch.device) -> Engine:
+    if cfg.trainer.backend == "torch":
+        return TorchEngine(model, optimizer, scheduler, cfg, device)
+    assert cfg.system.grad_accum is not None  # derived by to_run_config
+    return DeepSpeedEngine(model, optimizer, scheduler, cfg, device, cfg.system.grad_accum)
+
+
+def load_model_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The model's weights (fp32, on the CPU) from a checkpoint of either backend, any ZeRO stage.
+
+    torch backend: `model.pt`. DeepSpeed: the fp32 master weights gathered from the ZeRO partitions
+    (stages 1-3), or the module's weights saved by rank 0 (stage 0).
+    """
+    directory = Path(checkpoint_dir)
+    if (directory / "model.pt").is_file():
+        return torch.load(directory / "model.pt", map_location="cpu")
+    ds_dir = directory / DeepSpeedEngine.TAG
+    if not ds_dir.is_dir():
+        raise FileNotFoundError(f"{directory}: neither model.pt nor {DeepSpeedEngine.TAG}/: not a checkpoint")
+    if any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DeepSpeedEngine.TAG)
+        return {k: v.float() for k, v in state.items()}
+    module = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}

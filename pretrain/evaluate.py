@@ -1,0 +1,142 @@
+"""Evaluate a checkpoint: `python -m pretrain.evaluate checkpoint=<dir> [data.*=... system.*=...]`.
+
+MLM loss (nats per masked token), perplexity and accuracy (argmax == target over the masked tokens)
+on the valid split of the run's corpus, with the deterministic masks of `pretrain.data.ValidLoader`
+(seeded by the run's `trainer.seed`): the same batches and the same numbers as the trainer's
+validation of a one-rank run. Settings come from the run config saved in the checkpoint; `data.*` and
+`system.*` overrides change them (`data.corpus=...`, `data.valid_max_batches=0` for the whole split,
+`system.micro_batch_size=64`, `system.device=cuda`, `system.precision=bf16`).
+
+Prints a JSON summary and writes it to `<checkpoint>/eval.json` (or `output=<file>`):
+
+    {"checkpoint", "step", "corpus", "split": "valid", "seq_len", "batch_size", "max_batches",
+     "precision", "loss", "ppl", "accuracy", "tokens"}
+
+`evaluate(forward, batches, device, max_batches)` is the one validation loop: it sums over this rank's
+batches and all-reduces over the ranks, so the trainer can run it on a DeepSpeed engine too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from data_prep.cli import parse_args, run, setting
+from data_prep.corpus import Corpus
+from data_prep.shards import CorpusError
+from pretrain import checkpoint, distributed
+from pretrain.config import DEVICES, PRECISIONS, ConfigError, PretrainConfig
+from pretrain.data import PACKINGS, ValidLoader
+from pretrain.model import IGNORE_INDEX, MaskedLMOutput
+from pretrain.trained import CheckpointError, load_checkpoint_model, load_run_config, resolve_checkpoint
+
+EVAL_JSON = "eval.json"
+OVERRIDE_GROUPS = ("data.", "system.")
+"""Run-config groups a command line may override (the model and its training are fixed by the checkpoint)."""
+
+Forward = Callable[[dict[str, torch.Tensor]], MaskedLMOutput]
+"""A batch {"input_ids", "attention_mask", "labels"} -> the output with the *summed* loss."""
+
+
+@torch.no_grad()
+def evaluate(forward: Forward, batches: Iterable[dict[str, torch.Tensor]], device: torch.device,
+             max_batches: int = 0) -> dict[str, float]:
+    """Loss, perplexity, accuracy and token count over the masked tokens of `batches` (the first
+    `max_batches` when > 0), summed over all ranks. `forward` must return the loss summed over the
+    batch's masked tokens (`reduction="sum"`); putting the model in eval mode is the caller's job."""
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, count, correct
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = forward(batch)
+        labels = batch["labels"]
+        targets = labels[labels.ne(IGNORE_INDEX)]  # [N], row-major like out.logits
+        assert out.loss is not None and out.num_predictions is not None
+        totals[0] += out.loss.double()
+        totals[1] += out.num_predictions.double()
+        totals[2] += (out.logits.argmax(-1) == targets).sum().double()
+    distributed.all_reduce(totals)
+    loss = float(totals[0] / totals[1].clamp(min=1))
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
+            "accuracy": float(totals[2] / totals[1].clamp(min=1)), "tokens": int(totals[1])}
+
+
+def check_settings(run_cfg: PretrainConfig) -> None:
+    """The settings evaluation reads, checked after overrides (`ConfigError` naming the key)."""
+    system, data = run_cfg.system, run_cfg.data
+    checks = [
+        ("system.device", system.device, system.device in DEVICES, f"one of {list(DEVICES)}"),
+        ("system.precision", system.precision, system.precision in PRECISIONS, f"one of {list(PRECISIONS)}"),
+        ("system.micro_batch_size", system.micro_batch_size, system.micro_batch_size > 0, "> 0"),
+        ("data.valid_max_batches", data.valid_max_batches, data.valid_max_batches >= 0, ">= 0"),
+        ("data.packing", data.packing, data.packing in PACKINGS, f"one of {list(PACKINGS)}"),
+        ("data.seq_len", data.seq_len, 3 <= data.seq_len <= run_cfg.model.max_seq_len,
+         f"within [3, {run_cfg.model.max_seq_len}] (the model's positions)"),
+    ]
+    for key, value, ok, wanted in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} must be {wanted}")
+
+
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+    """Evaluate the checkpoint `path` (anything `pretrain.trained.resolve_checkpoint` accepts) on its
+    run's valid split, in one process; returns the summary (see the module docstring)."""
+    ckpt = resolve_checkpoint(path)
+    run_cfg = load_run_config(ckpt, overrides)
+    check_settings(run_cfg)
+    env = distributed.detect({})  # one process, whatever launched us
+    device = distributed.select_device(env, run_cfg.system.device)
+    model = load_checkpoint_model(ckpt, run_cfg).to(device)
+    corpus = Corpus.open(run_cfg.data.corpus, "valid", expect_vocab_size=run_cfg.model.vocab_size)
+    if corpus.num_tokens == 0:
+        raise CorpusError(f"{run_cfg.data.corpus}: the valid split is empty (data.corpus)")
+    batch_size = run_cfg.system.micro_batch_size
+    data = run_cfg.data
+    loader = ValidLoader(corpus, seq_len=data.seq_len, batch_size=batch_size, masking=data.masking,
+                         seed=run_cfg.trainer.seed, packing=data.packing)
+    bf16 = run_cfg.system.precision == "bf16"
+
+    def forward(batch: dict[str, torch.Tensor]) -> MaskedLMOutput:
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
+
+    metrics = evaluate(forward, loader, device, run_cfg.data.valid_max_batches)
+    return {"checkpoint": str(ckpt), "step": checkpoint.step_of(ckpt), "corpus": str(run_cfg.data.corpus),
+            "split": "valid", "seq_len": run_cfg.data.seq_len, "batch_size": batch_size,
+            "max_batches": run_cfg.data.valid_max_batches, "precision": run_cfg.system.precision, **metrics}
+
+
+@dataclass
+class EvaluateArgs:
+    checkpoint: str = setting(help="a step_* dir, a run dir, its checkpoints/ dir or its latest file; "
+                                   "data.* and system.* overrides of its run config may follow")
+    output: Optional[str] = setting(None, f"where to write the JSON summary; null = <checkpoint>/{EVAL_JSON}")
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(our key=value words, the run-config overrides: words whose key starts with data. or system.)"""
+    ours, overrides = [], []
+    for word in argv:
+        (overrides if word.lstrip("+").startswith(OVERRIDE_GROUPS) else ours).append(word)
+    return ours, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ours, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = parse_args(EvaluateArgs, ours)
+    summary = evaluate_checkpoint(args.checkpoint, overrides)
+    output = Path(args.output) if args.output else Path(summary["checkpoint"]) / EVAL_JSON
+    output.write_text(json.dumps(summary, indent=1) + "\n")
+    json.dump(summary, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, errors=(CheckpointError, ConfigError, CorpusError))

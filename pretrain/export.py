@@ -1,0 +1,96 @@
+"""Export a training checkpoint to a Hugging Face directory:
+`python -m pretrain.export checkpoint=<dir> output_dir=<dir>`.
+
+`checkpoint` is a `step_*` directory, the `latest` pointer, a `checkpoints/` directory or a run
+directory, of either backend and any ZeRO stage (0-3, offloaded or not): the weights are consolidated
+into one fp32 state dict (`pretrain.engine.load_model_state`). The output directory gets
+
+    config.json, model.safetensors        `pretrain.hf.save_hf` (fp32, or `dtype=bf16`)
+    tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
+                                          copied from the run's tokenizer (`data.tokenizer`, or `tokenizer=`)
+
+so that `transformers.AutoModelForMaskedLM` / `AutoTokenizer` / `pipeline("fill-mask", model=dir)`
+load it, and `python -m pretrain.fill_mask model=<dir>` gives the same answers.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from data_prep.cli import parse_args, run, setting
+from data_prep.tokenizer import TOKENIZER_JSON, TokenizerError
+from pretrain.config import ConfigError
+from pretrain.hf import CONFIG_NAME, HFCheckpointError, SAFETENSORS_NAME, save_hf
+from pretrain.trained import (
+    CheckpointError,
+    checkpoint_tokenizer_dir,
+    load_checkpoint_model,
+    load_run_config,
+    resolve_checkpoint,
+)
+
+TOKENIZER_FILES = (TOKENIZER_JSON, "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
+"""What `data_prep.tokenizer.save_tokenizer` writes: every one must be there to be copied."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def export(checkpoint: str | Path, output_dir: str | Path, tokenizer: str | Path | None = None,
+           dtype: str = "fp32", overwrite: bool = False) -> dict:
+    """Write the HF directory of `checkpoint` into `output_dir`; returns a summary (what was written)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    ckpt = resolve_checkpoint(checkpoint)
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output_dir={out} exists and is not empty (overwrite=true replaces it)")
+    run_cfg = load_run_config(ckpt)
+    tok_dir = checkpoint_tokenizer_dir(run_cfg, tokenizer)
+    missing = [name for name in TOKENIZER_FILES if not (tok_dir / name).is_file()]
+    if missing:
+        raise TokenizerError(f"{tok_dir}: lacks {missing}; rebuild it with "
+                             f"python -m data_prep.build_tokenizer")
+    model = load_checkpoint_model(ckpt, run_cfg).to(DTYPES[dtype])
+
+    tmp = out.with_name(f".tmp-{out.name}")  # written aside, then moved into place: never half an export
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(model, tmp)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tok_dir / name, tmp / name)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return {"checkpoint": str(ckpt), "output_dir": str(out), "tokenizer": str(tok_dir), "dtype": dtype,
+            "parameters": model.num_parameters(),
+            "files": sorted([CONFIG_NAME, SAFETENSORS_NAME, *TOKENIZER_FILES])}
+
+
+@dataclass
+class ExportArgs:
+    checkpoint: str = setting(help="a step_* dir, a run dir, its checkpoints/ dir or its latest file")
+    output_dir: str = setting(help="the HF directory to write")
+    tokenizer: Optional[str] = setting(None, "tokenizer directory; null = the run's data.tokenizer")
+    dtype: str = setting("fp32", "dtype of the saved weights: fp32 or bf16")
+    overwrite: bool = setting(False, "replace a non-empty output_dir")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(ExportArgs, argv)
+    summary = export(args.checkpoint, args.output_dir, args.tokenizer, args.dtype, args.overwrite)
+    json.dump(summary, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, errors=(CheckpointError, HFCheckpointError, TokenizerError, ConfigError, FileExistsError))

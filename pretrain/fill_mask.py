@@ -1,0 +1,267 @@
+"""Fill-mask inference: `python -m pretrain.fill_mask model=<dir> request=<file or -> [top_k=5]`.
+
+`model` is an HF directory written by `pretrain.export` (or any HF RoBERTa MLM directory with our
+tokenizer files) or a training checkpoint (a `step_*` directory, the `latest` pointer, a `checkpoints/`
+directory or a run directory). With `serve=true` the same schema is served over HTTP (see
+`pretrain.serve`: `POST /score`, `GET /health`, concurrent requests batched into one forward).
+
+Request (the model card's real-time endpoint schema), from a file or stdin (`request=-`):
+
+    {"inputs": {"input_string": ["Paris is the <mask> of France.", "Today is a <mask> day!"]},
+     "parameters": {"top_k": 2}}
+
+`parameters` and `top_k` are optional (default: the `top_k` argument, 5 as in HF's pipeline).
+Response (stdout, JSON): one list per input string, best first, of `top_k` objects
+
+    {"score": 0.41, "token": 3001, "token_str": " capital", "sequence": "Paris is the capital of France."}
+
+as HF's `pipeline("fill-mask")` computes them: `score` is the softmax over the whole vocabulary at the
+mask position (nothing excluded, special tokens included), `token_str` the token decoded alone (with
+its leading space), `sequence` the input's ids with the mask replaced, decoded without special tokens.
+
+Each string must hold exactly one `<mask>`: a string with none or several is a bad request (HF's
+pipeline would give one list per mask, changing the response's shape; we keep one list per string).
+Other bad requests: not JSON, not an object, unknown keys, `input_string` not a non-empty list of
+strings, `top_k` not an integer in [1, vocab_size], a string longer than the model's positions allow
+(`max_positions - 2` tokens with `<s>` and `</s>`). The CLI exits 1 with `error: <why>` on stderr;
+the server answers 400 with `{"error": "<why>"}` and goes on serving.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from tokenizers import Tokenizer
+
+from data_prep.cli import parse_args, run, setting
+from data_prep.tokenizer import MASK, TokenizerError, special_ids
+from pretrain.config import ConfigError
+from pretrain.hf import HFCheckpointError
+from pretrain.model import RobertaForMaskedLM
+from pretrain.trained import CheckpointError, load_model_and_tokenizer
+
+DEFAULT_TOP_K = 5
+"""Candidates per string when the request names no `top_k` (HF's pipeline default)."""
+REQUEST_KEYS = {"inputs", "parameters"}
+PARAMETER_KEYS = {"top_k"}
+
+
+class RequestError(ValueError):
+    """A request that does not fit the schema or the model; the message says why (HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class FillMaskRequest:
+    """A parsed request: the strings and the number of candidates for each."""
+
+    strings: list[str]
+    top_k: int
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One input string as the model sees it."""
+
+    ids: list[int]
+    """Token ids with `<s>` and `</s>`."""
+    mask_index: int
+    """Position of the one `<mask>` in `ids`."""
+
+
+def parse_request(obj: Any, default_top_k: int = DEFAULT_TOP_K) -> FillMaskRequest:
+    """Check a decoded JSON request against the schema (types, keys, a non-empty list of strings, an
+    integer `top_k`); the range of `top_k` and the strings themselves are checked by `FillMasker`."""
+    if not isinstance(obj, dict):
+        raise RequestError(f"the request must be a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - REQUEST_KEYS)
+    if unknown:
+        raise RequestError(f"unknown request key(s) {unknown}; known: {sorted(REQUEST_KEYS)}")
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, dict) or set(inputs) != {"input_string"}:
+        raise RequestError('"inputs" must be an object with exactly one key, "input_string"')
+    strings = inputs["input_string"]
+    if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+        raise RequestError('"inputs.input_string" must be a list of strings')
+    if not strings:
+        raise RequestError('"inputs.input_string" is empty: give at least one string')
+    parameters = obj.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise RequestError(f'"parameters" must be an object, got {type(parameters).__name__}')
+    unknown = sorted(set(parameters) - PARAMETER_KEYS)
+    if unknown:
+        raise RequestError(f"unknown parameter(s) {unknown}; known: {sorted(PARAMETER_KEYS)}")
+    top_k = parameters.get("top_k", default_top_k)
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise RequestError(f'"parameters.top_k" must be an integer, got {top_k!r}')
+    return FillMaskRequest(strings=strings, top_k=top_k)
+
+
+def decode_request(body: bytes | str, default_top_k: int = DEFAULT_TOP_K) -> FillMaskRequest:
+    """`parse_request` of raw JSON text; malformed JSON is a `RequestError`."""
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"malformed JSON: {e}") from None
+    return parse_request(obj, default_top_k)
+
+
+class FillMasker:
+    """A model and its tokenizer, answering fill-mask requests with one padded forward per batch.
+
+    `encode` and `check_top_k` validate (raising `RequestError`); `predict` runs the model. `predict` is
+    not thread-safe: the server calls it from one worker thread.
+    """
+
+    def __init__(self, model: RobertaForMaskedLM, tokenizer: Tokenizer, device: torch.device | str = "cpu",
+                 max_batch: int = 64):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        ids = special_ids(tokenizer)
+        if tokenizer.get_vocab_size() != model.config.vocab_size:
+            raise TokenizerError(f"the tokenizer has {tokenizer.get_vocab_size()} ids, the model "
+                                 f"vocab_size={model.config.vocab_size}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.mask_id, self.pad_id = ids["mask"], model.config.pad_token_id
+        self.vocab_size = model.config.vocab_size
+        self.max_tokens = model.config.max_seq_len
+        self.max_batch = max_batch
+
+    def check_top_k(self, top_k: int) -> None:
+        if not 1 <= top_k <= self.vocab_size:
+            raise RequestError(f'"parameters.top_k"={top_k} is out of range [1, {self.vocab_size}] '
+                               f'(the vocabulary)')
+
+    def encode(self, strings: Sequence[str]) -> list[Encoded]:
+        """Tokenize (with `<s>`/`</s>`) and check each string: exactly one `<mask>`, not too long."""
+        out = []
+        for i, (text, enc) in enumerate(zip(strings, self.tokenizer.encode_batch(list(strings)))):
+            where = [j for j, t in enumerate(enc.ids) if t == self.mask_id]
+            if len(where) != 1:
+                raise RequestError(f"input_string[{i}] has {len(where)} {MASK} tokens; each string needs "
+                                   f"exactly one: {text[:80]!r}")
+            if len(enc.ids) > self.max_tokens:
+                raise RequestError(f"input_string[{i}] is {len(enc.ids)} tokens with <s> and </s>; the model "
+                                   f"takes at most {self.max_tokens}")
+            out.append(Encoded(ids=list(enc.ids), mask_index=where[0]))
+        return out
+
+    @torch.no_grad()
+    def predict(self, encoded: Sequence[Encoded], top_ks: Sequence[int]) -> list[list[dict[str, Any]]]:
+        """The top-k candidates of each encoded string, forwards of up to `max_batch` right-padded rows."""
+        results: list[list[dict[str, Any]]] = []
+        for start in range(0, len(encoded), self.max_batch):
+            chunk = encoded[start : start + self.max_batch]
+            longest = max(len(e.ids) for e in chunk)
+            input_ids = torch.full((len(chunk), longest), self.pad_id, dtype=torch.long)
+            attention = torch.zeros((len(chunk), longest), dtype=torch.long)
+            for row, e in enumerate(chunk):
+                input_ids[row, : len(e.ids)] = torch.tensor(e.ids)
+                attention[row, : len(e.ids)] = 1
+            logits = self.model(input_ids.to(self.device), attention.to(self.device)).logits  # [B, S, V]
+            rows = torch.arange(len(chunk), device=self.device)
+            masks = torch.tensor([e.mask_index for e in chunk], device=self.device)
+            probs = logits[rows, masks].float().softmax(dim=-1).cpu()  # [B, V]
+            for row, e in enumerate(chunk):
+                values, tokens = probs[row].topk(top_ks[start + row])
+                results.append([self._candidate(e, score, token)
+                                 for score, token in zip(values.tolist(), tokens.tolist())])
+        return results
+
+    def _candidate(self, e: Encoded, score: float, token: int) -> dict[str, Any]:
+        filled = list(e.ids)
+        filled[e.mask_index] = token
+        return {"score": score, "token": token,
+                "token_str": self.tokenizer.decode([token], skip_special_tokens=False),
+                "sequence": self.tokenizer.decode(filled, skip_special_tokens=True)}
+
+    def __call__(self, request: FillMaskRequest) -> list[list[dict[str, Any]]]:
+        """Answer a whole request in this thread (the CLI)."""
+        self.check_top_k(request.top_k)
+        encoded = self.encode(request.strings)
+        return self.predict(encoded, [request.top_k] * len(encoded))
+
+
+def load_fill_masker(model: str | Path, tokenizer: str | Path | None = None, device: str = "cpu",
+                     max_batch: int = 64) -> FillMasker:
+    """A `FillMasker` of an HF directory or a checkpoint (see `pretrain.trained`)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    net, tok = load_model_and_tokenizer(model, tokenizer)
+    return FillMasker(net, tok, device, max_batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class FillMaskArgs:
+    model: str = setting(help="HF directory (python -m pretrain.export) or checkpoint: a step_* dir, a run "
+                              "dir, its checkpoints/ dir or its latest file")
+    request: Optional[str] = setting(None, "request JSON file, or - for stdin (not with serve=true)")
+    top_k: int = setting(DEFAULT_TOP_K, "candidates per string when the request has no parameters.top_k")
+    tokenizer: Optional[str] = setting(None, "tokenizer directory; null = the HF dir's own, or the run's "
+                                             "data.tokenizer")
+    device: str = setting("cpu", "cpu, cuda or auto")
+    serve: bool = setting(False, "serve the same schema over HTTP (POST /score, GET /health) instead")
+    host: str = setting("127.0.0.1", "server address")
+    port: int = setting(8000, "server port; 0 picks a free one (printed)")
+    max_batch: int = setting(64, "most strings in one forward (the server batches concurrent requests up to "
+                                 "it)")
+
+    def __post_init__(self) -> None:
+        if self.serve == (self.request is not None):
+            raise ValueError("give request=<file or -> to answer one request, or serve=true to serve; "
+                             "not both")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device={self.device!r} is not one of cpu, cuda, auto")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} is not in [0, 65535]")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+
+
+def read_request_text(source: str) -> str:
+    """The request file's text, or stdin's for `-`."""
+    if source == "-":
+        return sys.stdin.read()
+    path = Path(source)
+    if not path.is_file():
+        raise RequestError(f"request={source}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(FillMaskArgs, argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    masker = load_fill_masker(args.model, args.tokenizer, args.device, args.max_batch)
+    masker.check_top_k(args.top_k)
+    if args.serve:
+        from pretrain.serve import serve
+
+        serve(masker, args.host, args.port, default_top_k=args.top_k, model_name=args.model)
+        return 0
+    assert args.request is not None
+    request = decode_request(read_request_text(args.request), args.top_k)
+    json.dump(masker(request), sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module's main, not this `__main__` copy's: pretrain.serve imports pretrain.fill_mask,
+    # and a second copy of the module would make a second RequestError class that the server does not catch.
+    from pretrain import fill_mask
+
+    run(fill_mask.main, errors=(fill_mask.RequestError, CheckpointError, HFCheckpointError, TokenizerError,
+                                ConfigError))

@@ -1,0 +1,444 @@
+"""The pretraining loop: `python -m pretrain.train experiment=<name> key=value ...`.
+
+    python -m pretrain.train experiment=debug                                   # CPU, minutes
+    torchrun --nproc_per_node 8 -m pretrain.train experiment=roberta_large data.corpus=/data/corpus
+    srun python -m pretrain.train experiment=roberta_large ...                  # see launch/
+
+One optimizer step on each rank: take `grad_accum` micro-batches, all-reduce their masked-token count,
+then forward/backward each with its summed loss scaled by 1/(global count) (see pretrain.engine), and
+step. The step's loss and flags (non-finite loss on some rank, a stop signal on some rank) travel in
+one all-reduce before the optimizer step, so every rank takes the same decision:
+  - non-finite: the update is skipped everywhere (parameters and moments untouched), counted and
+    logged; `trainer.max_consecutive_nonfinite` in a row end the run with exit code 3, without writing
+    a checkpoint (the last good one stays the newest);
+  - stop signal (SIGUSR1/SIGTERM on any rank): all ranks finish this step, write a checkpoint and exit
+    with code 75 ("stopped by signal"; resume with trainer.resume=auto).
+
+Exit codes: 0 done (max_steps, or trainer.stop_at_step), 2 refused at start-up (a bad setting, a corpus
+that does not fit the model, a checkpoint that cannot be resumed), 3 non-finite steps, 75 stopped by
+a signal after its checkpoint.
+
+Outputs in the run directory (`trainer.output_dir`, default Hydra's `outputs/<name>`):
+`metrics.jsonl` (one JSON object per logged step and per validation), `checkpoints/`, `wandb/`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from data_prep.corpus import Corpus
+from data_prep.shards import CorpusError
+from pretrain import checkpoint, distributed
+from pretrain.config import ConfigError, PretrainConfig, resolved_yaml, to_run_config
+from pretrain.data import TrainLoader, ValidLoader, check_corpus
+from pretrain.engine import Engine, build_engine
+from pretrain.flops import device_peak_flops, flops_per_token, mfu
+from pretrain.model import RobertaForMaskedLM
+from pretrain.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger("pretrain.train")
+
+RANK_STATE = "rank_{:05d}.pt"
+TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+
+
+class ResumeError(RuntimeError):
+    """trainer.resume names a checkpoint that cannot be resumed from (or one of another run's shape)."""
+
+
+def output_dir_of(run: PretrainConfig) -> Path:
+    """`trainer.output_dir`, else Hydra's run directory, else outputs/<name>."""
+    if run.trainer.output_dir:
+        return Path(run.trainer.output_dir)
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs") / run.name
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class MetricsWriter:
+    """Rank 0: JSON lines in `<output_dir>/metrics.jsonl` and, when enabled, wandb."""
+
+    def __init__(self, path: Path, wandb_run: Any):
+        self.path, self.wandb_run = path, wandb_run
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def start_wandb(run: PretrainConfig, cfg: DictConfig, out: Path, run_id: str | None) -> tuple[Any, str | None]:
+    """wandb.init on rank 0 (offline unless configured); the same run id continues a resumed run."""
+    if not run.wandb.enabled:
+        return None, None
+    import wandb
+
+    mode = run.wandb.mode or os.environ.get("WANDB_MODE") or "offline"
+    if mode == "disabled":
+        return None, None
+    run_id = run_id or uuid.uuid4().hex[:8]
+    wb = wandb.init(
+        project=run.wandb.project, entity=run.wandb.entity, name=run.wandb.name or run.name,
+        tags=list(run.wandb.tags), id=run_id, resume="allow", mode=mode, dir=str(out),
+        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
+    )
+    return wb, run_id
+
+
+class Trainer:
+    """Builds everything from the run config, then `fit()` runs the loop and returns the exit code."""
+
+    def __init__(self, run: PretrainConfig, cfg: DictConfig, env: distributed.DistEnv, device: torch.device):
+        self.run, self.cfg, self.env, self.device = run, cfg, env, device
+        self.out = output_dir_of(run)
+        self.ckpt_root = self.out / "checkpoints"
+        t = run.trainer
+        self.grad_accum = int(run.system.grad_accum or 1)
+
+        # Same init on every rank (DeepSpeed also broadcasts rank 0's), then per-rank dropout streams.
+        seed_everything(t.seed)
+        model = RobertaForMaskedLM(run.model)
+        model.activation_checkpointing = run.system.activation_checkpointing
+        if run.system.compile:
+            for layer in model.encoder.layers:
+                layer.compile()
+        model.to(device)
+        seed_everything(t.seed + 1_000_003 * (env.rank + 1))
+
+        tok_hash = None
+        if run.data.tokenizer:
+            from data_prep.tokenizer import tokenizer_hash
+
+            tok_hash = tokenizer_hash(run.data.tokenizer)
+        corpus = Corpus.open(run.data.corpus, "train", expect_tokenizer_hash=tok_hash)
+        check_corpus(corpus, run.model.vocab_size, tok_hash)
+        self.loader = TrainLoader(
+            corpus, seq_len=run.data.seq_len, micro_batch_size=run.system.micro_batch_size,
+            packing=run.data.packing, masking=run.data.masking, seed=t.seed, rank=env.rank,
+            world_size=env.world_size, num_workers=run.system.num_workers, pin_memory=run.system.pin_memory,
+            prefetch_factor=run.system.prefetch_factor,
+        )
+        self.valid: ValidLoader | None = None
+        if "valid" in corpus.manifest["splits"] and corpus.manifest["splits"]["valid"]["tokens"] > 0:
+            valid_corpus = Corpus.open(run.data.corpus, "valid", expect_tokenizer_hash=tok_hash)
+            self.valid = ValidLoader(
+                valid_corpus, seq_len=run.data.seq_len, batch_size=run.system.micro_batch_size,
+                masking=run.data.masking, seed=t.seed, rank=env.rank, world_size=env.world_size,
+                packing=run.data.packing,
+            )
+
+        optimizer = build_optimizer(model, run.optim)
+        scheduler = build_scheduler(optimizer, run.optim.lr, run.schedule)
+        self.engine: Engine = build_engine(run, model, optimizer, scheduler, device)
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.wandb_id: str | None = None
+        self.stop = distributed.StopSignal()
+        dtype = torch.bfloat16 if run.system.precision == "bf16" else torch.float32
+        self.flops_per_token = flops_per_token(run.model, run.data.seq_len)
+        peak = device_peak_flops(device, dtype)
+        self.peak_flops = None if peak is None else peak * env.world_size
+        self.metrics: MetricsWriter | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def save(self) -> Path:
+        run, rank = self.run, self.env.rank
+
+        def write(directory: Path) -> None:
+            self.engine.save(directory)
+            torch.save({"rng": checkpoint.rng_state(), "loader": self.loader.state_dict()},
+                       directory / RANK_STATE.format(rank))
+            if rank == 0:
+                (directory / CONFIG_FILE).write_text(resolved_yaml(self.cfg))
+                state = {"step": self.step, "world_size": self.env.world_size, "backend": run.trainer.backend,
+                         "skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_id}
+                (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
+
+        path = checkpoint.save(self.ckpt_root, self.step, write, run.trainer.keep_last)
+        log.info("checkpoint: step %d -> %s", self.step, path)
+        return path
+
+    def find_checkpoint(self) -> Path | None:
+        """Rank 0 picks the checkpoint (auto / a path / none) and tells the others."""
+        resume, verify = self.run.trainer.resume, self.run.trainer.verify_checkpoint
+        chosen: str | None = None
+        error: str | None = None
+        if self.env.rank == 0 and resume != "none":
+            if resume == "auto":
+                path, passed_over = checkpoint.find_resumable(self.ckpt_root, verify)
+                for line in passed_over:
+                    log.warning("resume=auto passes over %s", line)
+                chosen = None if path is None else str(path)
+            else:
+                why = checkpoint.problem(resume, verify)
+                if why is not None:
+                    error = f"trainer.resume={resume}: cannot resume from it: {why}"
+                chosen = resume
+        chosen, error = distributed.broadcast_object((chosen, error))
+        if error:
+            raise ResumeError(error)
+        return None if chosen is None else Path(chosen)
+
+    def load(self, path: Path) -> None:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        if state["world_size"] != self.env.world_size or state["backend"] != self.run.trainer.backend:
+            raise ResumeError(
+                f"{path}: saved by {state['world_size']} rank(s) with trainer.backend={state['backend']}; "
+                f"this run has {self.env.world_size} with trainer.backend={self.run.trainer.backend}"
+            )
+        self.engine.load(path)
+        rank_state = torch.load(path / RANK_STATE.format(self.env.rank), weights_only=False)
+        self.loader.load_state_dict(rank_state["loader"])
+        checkpoint.set_rng_state(rank_state["rng"])
+        self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
+        self.wandb_id = state.get("wandb_run_id")
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ----------------------------------------------------------------------------------------------
+    # the step
+
+    def _next_batches(self, it: Iterator[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the next step, on the device.
+
+        Loading runs with torch's CPU RNG forked: a DataLoader iterator draws its base seed from it when
+        (re)created, which would otherwise shift the dropout stream of a resumed run.
+        """
+        nb = self.device.type == "cuda"
+        with torch.random.fork_rng(devices=[]):
+            micro = [next(it) for _ in range(self.grad_accum)]
+        return [{k: v.to(self.device, non_blocking=nb) for k, v in b.items()} for b in micro]
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, bool, bool]:
+        """One optimizer step over this rank's micro-batches: (loss, applied, stop requested anywhere).
+
+        Two all-reduces: the masked-token count before the first forward, and (loss sum, non-finite flag,
+        stop flag) before the optimizer step; the step's one host synchronisation reads them with the count.
+        """
+        t = self.run.trainer
+        local_count = torch.stack([b["labels"].ne(-100).sum() for b in batches]).sum()
+        count = distributed.all_reduce(local_count.to(torch.float64).reshape(1))
+        scale = self.engine.grad_scale / count.clamp(min=1)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
+        inject = self.step + 1 == t.debug_inject_nan_step and t.debug_inject_nan_rank in (-1, self.env.rank)
+        for i, batch in enumerate(batches):
+            loss = self.engine.forward(batch).loss  # summed over this micro-batch's masked tokens
+            if inject:
+                loss = loss * float("nan")
+            self.engine.backward((loss * scale).to(loss.dtype).sum())
+            loss_sum += loss.detach().double()
+            if i < len(batches) - 1:
+                self.engine.micro_step(boundary=False, skip=False)
+        bad = ~torch.isfinite(loss_sum)
+        norm = self.engine.grad_norm()
+        if norm is not None:
+            bad |= ~torch.isfinite(norm.reshape(1))
+        stop = torch.full((1,), float(self.stop.requested), dtype=torch.float64, device=self.device)
+        flags = distributed.all_reduce(torch.cat([torch.where(bad, 0.0, loss_sum), bad.double(), stop]))
+        total, n_bad, n_stop, n_tokens = torch.cat([flags, count]).tolist()
+        skip = n_bad > 0
+        applied = self.engine.micro_step(boundary=True, skip=skip)
+        return (float("nan") if skip else total / max(n_tokens, 1.0)), applied, n_stop > 0
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """MLM loss, perplexity and accuracy over the masked tokens of the valid split (all ranks)."""
+        assert self.valid is not None
+        self.engine.train(False)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, count, correct
+        for i, batch in enumerate(self.valid):
+            if self.run.data.valid_max_batches and i >= self.run.data.valid_max_batches:
+                break
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            out = self.engine.forward(batch)
+            targets = batch["labels"][batch["labels"].ne(-100)]
+            totals[0] += out.loss.double()
+            totals[1] += out.num_predictions.double()
+            totals[2] += (out.logits.argmax(-1) == targets).sum().double()
+        self.engine.train(True)
+        distributed.all_reduce(totals)
+        loss = float(totals[0] / totals[1].clamp(min=1))
+        return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)),
+                "valid/accuracy": float(totals[2] / totals[1].clamp(min=1)),
+                "valid/tokens": int(totals[1])}
+
+    # ----------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> int:
+        run, t = self.run, self.run.trainer
+        resume_from = self.find_checkpoint()
+        if resume_from is not None:
+            self.load(resume_from)
+        end = min(run.schedule.max_steps, t.stop_at_step or run.schedule.max_steps)
+        if self.env.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            wb, self.wandb_id = start_wandb(run, self.cfg, self.out, self.wandb_id)
+            self.metrics = MetricsWriter(self.out / "metrics.jsonl", wb)
+        self.wandb_id = distributed.broadcast_object(self.wandb_id)
+        log.info(
+            "run: %s | %d rank(s), backend %s%s, %s, device %s | global batch %d = %d x %d x %d | steps %d -> %d",
+            run.name, self.env.world_size, t.backend,
+            f" ZeRO-{run.deepspeed.zero_stage}" if t.backend == "deepspeed" else "", run.system.precision,
+            self.device, run.schedule.global_batch_size, run.system.micro_batch_size, self.grad_accum,
+            self.env.world_size, self.step, end,
+        )
+        self.stop.install()
+        try:
+            return self._loop(end)
+        finally:
+            self.stop.restore()
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def _loop(self, end: int) -> int:
+        run, t = self.run, self.run.trainer
+        tokens_per_step = run.schedule.global_batch_size * run.data.seq_len
+        bar = None
+        if self.env.rank == 0 and t.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=run.schedule.max_steps, initial=self.step, desc=run.name, dynamic_ncols=True,
+                       file=sys.stderr)
+        it = iter(self.loader)
+        self.engine.train(True)
+        consecutive_bad = 0
+        window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+        last_saved = self.step if self.find_checkpoint_at(self.step) else -1
+        stopped = False
+        while self.step < end:
+            t0 = time.perf_counter()
+            batches = self._next_batches(it)
+            window_wait += time.perf_counter() - t0
+            lr = self.engine.lr
+            loss, applied, stop = self.train_step(batches)
+            self.step += 1
+            window_steps += 1
+            if not applied:
+                self.skipped_steps += 1
+                consecutive_bad += 1
+                log.warning("step %d: non-finite loss or gradient norm on some rank: update skipped "
+                            "(%d in a row, %d in all)", self.step, consecutive_bad, self.skipped_steps)
+                if consecutive_bad >= t.max_consecutive_nonfinite:
+                    log.error("stopping: %d non-finite steps in a row (trainer.max_consecutive_nonfinite=%d); "
+                              "no checkpoint written, the newest one is still the last good state",
+                              consecutive_bad, t.max_consecutive_nonfinite)
+                    return distributed.EXIT_NONFINITE
+            else:
+                consecutive_bad = 0
+            if self.step % t.log_every == 0 or self.step == end or stop:
+                now = time.perf_counter()
+                elapsed = now - window_start
+                tok_s = tokens_per_step * window_steps / elapsed
+                record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
+                          "data_wait": window_wait / elapsed, "skipped_steps": self.skipped_steps,
+                          "epoch": self.loader.epoch}
+                if self.engine.last_grad_norm is not None:
+                    record["grad_norm"] = self.engine.last_grad_norm
+                if self.peak_flops:
+                    record["mfu"] = mfu(tok_s, self.flops_per_token, self.peak_flops)
+                if self.metrics is not None:
+                    self.metrics.write(record)
+                if bar is not None:
+                    post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
+                    if "mfu" in record:
+                        post["mfu"] = f"{record['mfu']:.1%}"
+                    bar.set_postfix(post, refresh=False)
+                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            if bar is not None:
+                bar.update(1)
+            if self.valid is not None and ((t.eval_every and self.step % t.eval_every == 0) or self.step == end):
+                metrics = self.validate()
+                log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                if self.metrics is not None:
+                    self.metrics.write({"step": self.step, **metrics})
+            if stop:
+                log.info("stopped by signal (%s on some rank) after step %d: writing a checkpoint",
+                         self.stop.signal_name or "another rank", self.step)
+                stopped = True
+                break
+            if t.save_every and self.step % t.save_every == 0 and self.step != end:
+                self.save()
+                last_saved = self.step
+        if bar is not None:
+            bar.close()
+        if last_saved != self.step:
+            self.save()
+        if stopped:
+            log.info("stopped by signal: checkpoint at step %d written; exit %d (resume with trainer.resume=auto)",
+                     self.step, distributed.EXIT_STOPPED)
+            return distributed.EXIT_STOPPED
+        log.info("done: step %d", self.step)
+        return 0
+
+    def find_checkpoint_at(self, step: int) -> bool:
+        """Whether a complete checkpoint of `step` already exists (a resumed run that is already done)."""
+        path = self.ckpt_root / checkpoint.step_dir_name(step)
+        return path.is_dir() and (path / checkpoint.CHECKPOINT_JSON).is_file()
+
+
+def setup_logging(rank: int) -> None:
+    """Our loggers at INFO on rank 0 (WARNING elsewhere); other libraries' at WARNING."""
+    logging.basicConfig(
+        level=logging.WARNING,
+        format=f"[%(asctime)s rank {rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout, force=True,
+    )
+    logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+def run(cfg: DictConfig) -> int:
+    """Validate, set up the process group, train; returns the exit code (0, 3 or 75)."""
+    env = distributed.detect()
+    setup_logging(env.rank)
+    run_cfg = to_run_config(cfg, env.world_size)
+    device = distributed.select_device(env, run_cfg.system.device)
+    distributed.init(env, device, run_cfg.system.dist_timeout_s, use_deepspeed=run_cfg.trainer.backend == "deepspeed")
+    return Trainer(run_cfg, cfg, env, device).fit()
+
+
+EXIT_BAD_INPUT = 2
+"""Exit code of a run refused at start-up: a bad setting, a corpus that does not fit, a bad checkpoint path."""
+
+
+@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        code = run(cfg)
+    except (ConfigError, CorpusError, ResumeError) as e:
+        log.error("%s", e)
+        sys.exit(EXIT_BAD_INPUT)
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Atomic checkpoints, keep-last-K, and what `resume=auto` accepts (one process, real files)."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pretrain import checkpoint
+from pretrain.checkpoint import CHECKPOINT_JSON, LATEST, find_resumable, problem, rng_state, set_rng_state
+
+
+def write_files(step: int):
+    def write(directory: Path) -> None:
+        torch.save({"w": torch.full((64,), float(step))}, directory / "model.pt")
+        (directory / "sub").mkdir()
+        (directory / "sub" / "rank_00000.pt").write_bytes(bytes(range(256)) * (step + 1))
+    return write
+
+
+def test_save_is_complete_listed_and_pointed_to(tmp_path):
+    path = checkpoint.save(tmp_path, 7, write_files(7), keep_last=3)
+    assert path == tmp_path / "step_00000007" and path.is_dir()
+    record = json.loads((path / CHECKPOINT_JSON).read_text())
+    assert record["step"] == 7 and set(record["files"]) == {"model.pt", "sub/rank_00000.pt"}
+    assert record["files"]["sub/rank_00000.pt"]["bytes"] == 256 * 8
+    assert len(record["files"]["model.pt"]["sha256"]) == 64
+    assert (tmp_path / LATEST).read_text().strip() == "step_00000007"
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert problem(path) is None and checkpoint.step_of(path) == 7
+
+
+def test_keep_last_k_deletes_the_oldest(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        checkpoint.save(tmp_path, step, write_files(step), keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000004", "step_00000005"]
+
+
+def test_resume_auto_passes_over_missing_truncated_corrupt_and_unfinished(tmp_path):
+    for step in (1, 2, 3, 4, 5):
+        checkpoint.save(tmp_path, step, write_files(step), keep_last=10)
+    (tmp_path / "step_00000005" / "sub" / "rank_00000.pt").unlink()                 # missing
+    model4 = tmp_path / "step_00000004" / "model.pt"
+    model4.write_bytes(model4.read_bytes()[:-10])                                     # truncated
+    rank3 = tmp_path / "step_00000003" / "sub" / "rank_00000.pt"
+    data = bytearray(rank3.read_bytes()); data[5] ^= 0xFF; rank3.write_bytes(bytes(data))  # corrupt, same size
+    (tmp_path / ".tmp-step_00000006").mkdir()                                         # a save in progress
+    (tmp_path / "step_00000007").mkdir()                                              # no checkpoint.json
+    path, passed_over = find_resumable(tmp_path)
+    assert path == tmp_path / "step_00000002"
+    assert [line.split(":")[0] for line in passed_over] == [str(tmp_path / f"step_0000000{s}") for s in (7, 5, 4, 3)]
+    assert "checkpoint.json" in passed_over[0] and "missing" in passed_over[1]
+    assert "truncated" in passed_over[2] and "corrupt" in passed_over[3]
+    # without hash checks the same-size corruption is not seen (sizes still are)
+    assert find_resumable(tmp_path, check_hashes=False)[0] == tmp_path / "step_00000003"
+
+
+def test_no_checkpoint(tmp_path):
+    assert find_resumable(tmp_path / "absent") == (None, [])
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    checkpoint.save(tmp_path, 3, write_files(3), keep_last=2)
+    checkpoint.save(tmp_path, 3, write_files(4), keep_last=2)
+    assert problem(tmp_path / "step_00000003") is None
+    assert torch.load(tmp_path / "step_00000003" / "model.pt")["w"][0] == 4.0
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a

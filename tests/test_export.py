@@ -1,0 +1,131 @@
+"""Export: checkpoints of the plain-PyTorch path and of DeepSpeed ZeRO-0 / ZeRO-3 (2 ranks) -> HF
+directories that transformers loads, whose fill-mask pipeline answers like ours."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoint_fixtures import REPO, trained_runs
+
+from data_prep.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, train_tokenizer
+from pretrain.export import TOKENIZER_FILES, export
+from pretrain.fill_mask import load_fill_masker, parse_request
+from pretrain.hf import load_hf
+from pretrain.trained import CheckpointError, load_checkpoint_model, load_run_config, resolve_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+STRINGS = ["Paris is the <mask> of France.", "Today is a <mask> day!", "The hacker wrote a <mask> in C.",
+           "<mask> is the answer.", "Use the <mask>, Luke."]
+TOP_K = 5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, jargon_corpus, jargon_tokenizer) -> dict[str, Path]:
+    return trained_runs(tmp_path_factory, jargon_corpus, jargon_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory) -> dict[str, Path]:
+    """Each run's latest checkpoint exported (ZeRO-3 through the CLI, whose stdout is only its JSON summary;
+    the others in-process)."""
+    root = tmp_path_factory.mktemp("exported")
+    out = {name: root / name for name in runs}
+    cmd = [sys.executable, "-m", "pretrain.export", f"checkpoint={runs['zero3']}/checkpoints/latest",
+           f"output_dir={out['zero3']}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["output_dir"] == str(out["zero3"])
+    for name in ("torch", "zero0"):
+        export(runs[name], out[name])
+    return out
+
+
+@pytest.mark.parametrize("name", ["torch", "zero3", "zero0"])
+def test_transformers_pipeline_answers_like_ours(exported, runs, name):
+    hf_dir = exported[name]
+    files = sorted(p.name for p in hf_dir.iterdir())
+    assert files == sorted(["config.json", "model.safetensors", *TOKENIZER_FILES])
+    model = transformers.AutoModelForMaskedLM.from_pretrained(hf_dir)
+    assert type(model).__name__ == "RobertaForMaskedLM"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    pipe = transformers.pipeline("fill-mask", model=model, tokenizer=tokenizer, device="cpu")
+    ours = load_fill_masker(hf_dir)
+    for text in STRINGS:
+        assert tokenizer(text)["input_ids"] == ours.tokenizer.encode(text).ids
+        theirs = pipe(text, top_k=TOP_K)
+        [mine] = ours(parse_request({"inputs": {"input_string": [text]}, "parameters": {"top_k": TOP_K}}))
+        assert [(c["token"], c["token_str"], c["sequence"]) for c in mine] == \
+               [(c["token"], c["token_str"], c["sequence"]) for c in theirs]
+        assert max(abs(a["score"] - b["score"]) for a, b in zip(mine, theirs)) < 1e-4
+    # the checkpoint itself and its export give the same answers
+    from_ckpt = load_fill_masker(runs[name])
+    request = parse_request({"inputs": {"input_string": STRINGS}, "parameters": {"top_k": TOP_K}})
+    assert from_ckpt(request) == ours(request)
+
+
+def test_zero3_export_holds_the_consolidated_weights(exported, runs):
+    """ZeRO-3 partitions every parameter over the 2 ranks: the export has them whole, equal to DeepSpeed's
+    own consolidation, with the padded vocabulary rows cut off."""
+    ckpt = resolve_checkpoint(runs["zero3"])
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed")
+    reloaded = load_hf(exported["zero3"]).state_dict()
+    assert reloaded.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(reloaded[key], value.float()), key
+    word = reloaded["embeddings.word.weight"]
+    assert word.shape[0] % 64 == 0 and word[8192:].abs().sum() == 0
+
+
+def test_bf16_export(runs, tmp_path):
+    out = export(runs["torch"], tmp_path / "bf16", dtype="bf16")
+    config = json.loads((Path(out["output_dir"]) / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    ckpt = resolve_checkpoint(runs["torch"])
+    fp32 = load_checkpoint_model(ckpt, load_run_config(ckpt)).state_dict()
+    bf16 = load_hf(out["output_dir"]).state_dict()
+    assert all(torch.equal(bf16[k], fp32[k].bfloat16().float()) for k in fp32)
+
+
+def test_export_refuses_bad_inputs(runs, tmp_path, jargon_tokenizer, jargon_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export(runs["torch"], target)
+    assert (target / "keep.txt").is_file()
+    export(runs["torch"], target, overwrite=True)
+    assert not (target / "keep.txt").exists() and (target / "model.safetensors").is_file()
+
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        export(tmp_path / "nowhere", tmp_path / "o1")
+    broken = tmp_path / "broken"
+    shutil.copytree(resolve_checkpoint(runs["torch"]), broken)
+    (broken / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match="file model.pt is missing"):
+        export(broken, tmp_path / "o2")
+
+    text = gzip.open(jargon_path, "rt", encoding="utf-8").read().split("\n\n")
+    small = save_tokenizer(train_tokenizer(text[:500], vocab_size=300), tmp_path / "t300")
+    with pytest.raises(CheckpointError, match="300 ids, but the model has model.vocab_size=8192"):
+        export(runs["torch"], tmp_path / "o3", tokenizer=small)
+    other = save_tokenizer(train_tokenizer(reversed(text), vocab_size=8192, min_frequency=3),
+                           tmp_path / "other")
+    assert load_tokenizer(other).get_vocab_size() == 8192
+    with pytest.raises(CheckpointError, match="tokenizer_hash differs"):
+        export(runs["torch"], tmp_path / "o4", tokenizer=other)
+    lacking = tmp_path / "lacking"
+    shutil.copytree(jargon_tokenizer, lacking)
+    (lacking / "merges.txt").unlink()
+    with pytest.raises(TokenizerError, match="lacks \\['merges.txt'\\]"):
+        export(runs["torch"], tmp_path / "o5", tokenizer=lacking)
+    assert not any(p.name.startswith(("o1", "o2", "o3", "o4", "o5")) for p in tmp_path.iterdir())

@@ -1,0 +1,246 @@
+"""Fill-mask: the model card's request against a tiny trained checkpoint, the CLI, the HTTP server.
+
+The checkpoint is trained by the real trainer (tests/checkpoint_fixtures.py); the server is the real
+CLI in a subprocess (`serve=true port=0`), spoken to over HTTP from this process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from checkpoint_fixtures import REPO, trained_runs
+
+from pretrain.fill_mask import FillMasker, RequestError, decode_request, load_fill_masker, parse_request
+from pretrain.serve import Batcher
+
+SAMPLE = REPO / "tests" / "assets" / "fill_mask_request.json"
+KEYS = {"score", "token", "token_str", "sequence"}
+SENTENCES = [f"The {w} is a <mask> of the system." for w in
+             ("hacker", "kernel", "program", "user", "machine", "file", "wizard", "bug")] + [
+    "A <mask> is a program.", "It was written in <mask>.", "<mask> is the answer.", "The end of the <mask>"]
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pretrain.fill_mask", *args], cwd=REPO, input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def request(strings: list[str], top_k: int | None = None) -> dict:
+    req: dict = {"inputs": {"input_string": strings}}
+    if top_k is not None:
+        req["parameters"] = {"top_k": top_k}
+    return req
+
+
+def assert_same(a: list[list[dict]], b: list[list[dict]], tol: float = 1e-6) -> None:
+    """Same candidates in the same order; scores within `tol` (padding changes the last float bits)."""
+    assert len(a) == len(b)
+    for row_a, row_b in zip(a, b):
+        assert [(c["token"], c["token_str"], c["sequence"]) for c in row_a] == \
+               [(c["token"], c["token_str"], c["sequence"]) for c in row_b]
+        assert all(abs(x["score"] - y["score"]) <= tol for x, y in zip(row_a, row_b))
+
+
+def filled(text: str, candidate: dict, masker: FillMasker) -> str:
+    """The input with its mask filled: <mask> takes the space before it (lstrip) and the token brings its
+    own; a special token is left out of the sequence (decoded without special tokens, as HF's pipeline)."""
+    special = candidate["token"] in (0, 1, 2, 3, masker.mask_id)
+    return text.replace(" <mask>", "" if special else candidate["token_str"])
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, jargon_corpus, jargon_tokenizer) -> Path:
+    """The run directory of the one-process tiny run (fill-mask resolves checkpoints/latest)."""
+    return trained_runs(tmp_path_factory, jargon_corpus, jargon_tokenizer)["torch"]
+
+
+@pytest.fixture(scope="module")
+def masker(ckpt) -> FillMasker:
+    return load_fill_masker(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the CLI and the schema
+
+
+def test_model_card_request(ckpt, masker):
+    proc = run_cli(f"model={ckpt}", f"request={SAMPLE}")
+    assert proc.returncode == 0, proc.stderr
+    sample = json.loads(SAMPLE.read_text())
+    strings, top_k = sample["inputs"]["input_string"], sample["parameters"]["top_k"]
+    result = json.loads(proc.stdout)
+    assert len(result) == len(strings)
+    for text, row in zip(strings, result):
+        assert len(row) == top_k
+        for c in row:
+            assert set(c) == KEYS
+            assert isinstance(c["score"], float) and 0.0 < c["score"] <= 1.0
+            assert isinstance(c["token"], int) and 0 <= c["token"] < masker.vocab_size
+            assert c["token_str"] == masker.tokenizer.decode([c["token"]], skip_special_tokens=False)
+            assert c["sequence"] == filled(text, c, masker)
+        scores = [c["score"] for c in row]
+        assert scores == sorted(scores, reverse=True)
+        assert sum(scores) <= 1.0 + 1e-6
+    assert_same(result, masker(parse_request(sample)))  # the CLI's process and this one agree
+
+
+def test_scores_are_the_softmax_over_the_whole_vocabulary(masker):
+    [row] = masker(parse_request(request(["The <mask> is here."], top_k=masker.vocab_size)))
+    assert len(row) == masker.vocab_size
+    assert sorted(c["token"] for c in row) == list(range(masker.vocab_size))  # nothing excluded
+    assert sum(c["score"] for c in row) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_default_top_k_and_stdin(ckpt):
+    stdin = json.dumps(request(["A <mask> is a program."]))
+    proc = run_cli(f"model={ckpt}", "request=-", "top_k=3", stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    assert [len(row) for row in json.loads(proc.stdout)] == [3]
+
+
+def test_padded_batch_equals_one_string_at_a_time(masker):
+    batched = masker(parse_request(request(SENTENCES, top_k=4)))
+    alone = [masker(parse_request(request([s], top_k=4)))[0] for s in SENTENCES]
+    assert_same(batched, alone)
+
+
+BAD_REQUESTS = [
+    ('{"inputs": ', "malformed JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    ('{"inputs": {"input_string": ["a <mask>"]}, "extra": 1}', "unknown request key"),
+    ('{"inputs": ["a <mask>"]}', '"inputs" must be an object'),
+    ('{"inputs": {"input_string": "a <mask>"}}', "must be a list of strings"),
+    ('{"inputs": {"input_string": ["a <mask>", 3]}}', "must be a list of strings"),
+    ('{"inputs": {"input_string": []}}', "is empty"),
+    ('{"inputs": {"input_string": ["a <mask>"]}, "parameters": [2]}', '"parameters" must be an object'),
+    ('{"inputs": {"input_string": ["a <mask>"]}, "parameters": {"top_k": "2"}}', "must be an integer"),
+    ('{"inputs": {"input_string": ["a <mask>"]}, "parameters": {"top_k": true}}', "must be an integer"),
+    ('{"inputs": {"input_string": ["a <mask>"]}, "parameters": {"topk": 2}}', "unknown parameter"),
+    ('{"inputs": {"input_string": ["a <mask>"]}, "parameters": {"top_k": 0}}', "out of range"),
+    ('{"inputs": {"input_string": ["a <mask>"]}, "parameters": {"top_k": 8193}}', "out of range"),
+    ('{"inputs": {"input_string": ["no mask here"]}}', "has 0 <mask> tokens"),
+    ('{"inputs": {"input_string": ["fine <mask>", "<mask> and <mask>"]}}',
+     "input_string[1] has 2 <mask> tokens"),
+    (json.dumps(request(["word " * 600 + "<mask>"])), "the model takes at most 512"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_request_is_refused_with_its_reason(masker, body, message):
+    with pytest.raises(RequestError, match=re.escape(message)):
+        masker(decode_request(body))
+
+
+def test_longest_input_is_the_models_max_seq_len(masker):
+    """max_positions 514 with pad id 1: 512 tokens with <s> and </s> pass, 513 do not."""
+    fits, too_long = " a" * 509 + " <mask>", " a" * 510 + " <mask>"
+    assert [len(e.ids) for e in masker.encode([fits])] == [512]
+    [row] = masker(parse_request(request([fits], top_k=1)))
+    assert row[0]["sequence"] == filled(fits, row[0], masker)
+    with pytest.raises(RequestError, match="is 513 tokens with <s> and </s>; the model takes at most 512"):
+        masker.encode([too_long])
+
+
+def test_cli_bad_request_exits_nonzero_with_message(ckpt):
+    proc = run_cli(f"model={ckpt}", "request=-", stdin='{"inputs": {"input_string": ["<mask> and <mask>"]}}')
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "has 2 <mask> tokens; each string needs exactly one" in proc.stderr
+    proc = run_cli(f"model={ckpt}", "request=/nonexistent.json")
+    assert proc.returncode == 1 and "request=/nonexistent.json: no such file" in proc.stderr
+    proc = run_cli(f"model={ckpt}")  # neither request nor serve
+    assert proc.returncode == 2 and "give request=" in proc.stderr
+
+
+def test_batcher_drains_pending_jobs_into_batches(masker):
+    """Jobs queued before the worker starts: [1, 2, 1 | 2, 1] strings with max_batch 4 -> 2 forwards,
+    each job answered with its own strings."""
+    batcher = Batcher(masker, max_batch=4)
+    groups = [SENTENCES[0:1], SENTENCES[1:3], SENTENCES[3:4], SENTENCES[4:6], SENTENCES[6:7]]
+    futures = [batcher.submit(masker.encode(g), top_k=2 + i) for i, g in enumerate(groups)]
+    batcher.start()
+    answers = [f.result(timeout=60) for f in futures]
+    batcher.close()
+    assert batcher.batches == 2 and batcher.strings == 7
+    for i, (g, answer) in enumerate(zip(groups, answers)):
+        assert_same(answer, masker(parse_request(request(g, top_k=2 + i))))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the server
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    """`python -m pretrain.fill_mask serve=true port=0` in a subprocess; yields its base URL."""
+    log = tmp_path_factory.mktemp("server") / "stderr.txt"
+    with open(log, "w") as err:
+        cmd = [sys.executable, "-m", "pretrain.fill_mask", f"model={ckpt}", "serve=true", "port=0"]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        line = proc.stdout.readline()  # blocks until the server prints its address (or dies: "")
+        assert "listening on http://127.0.0.1:" in line, log.read_text()[-3000:]
+        yield line.split("listening on ")[1].split()[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0, log.read_text()[-3000:]
+
+
+def http(url: str, body: bytes | None = None, method: str | None = None) -> tuple[int, object]:
+    req = urllib.request.Request(url, data=body, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_health(server, masker):
+    status, body = http(f"{server}/health")
+    assert status == 200 and body["status"] == "ok"
+    assert body["vocab_size"] == masker.vocab_size and body["max_tokens"] == 512
+
+
+def test_server_answers_like_the_cli(server, ckpt):
+    proc = run_cli(f"model={ckpt}", f"request={SAMPLE}")
+    status, body = http(f"{server}/score", SAMPLE.read_bytes())
+    assert status == 200
+    assert_same(body, json.loads(proc.stdout))
+
+
+def test_server_refuses_bad_requests_and_keeps_serving(server):
+    for body, message in BAD_REQUESTS:
+        status, answer = http(f"{server}/score", body.encode())
+        assert status == 400, (body, answer)
+        assert message in answer["error"]
+    status, answer = http(f"{server}/nowhere", b"{}")
+    assert status == 404 and "POST /score" in answer["error"]
+    status, answer = http(f"{server}/score", method="GET")
+    assert status == 405 and "takes POST" in answer["error"]
+    status, answer = http(f"{server}/score", SAMPLE.read_bytes())
+    assert status == 200 and len(answer) == 2
+
+
+def test_server_burst_of_concurrent_requests(server, masker):
+    """32 threads at once, each its own request (1-2 strings, top_k 1-4): every answer is right."""
+    n = len(SENTENCES)
+    requests = [request([SENTENCES[i % n]] + ([SENTENCES[(i + 5) % n]] if i % 2 else []), top_k=1 + i % 4)
+                for i in range(32)]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        answers = list(pool.map(lambda r: http(f"{server}/score", json.dumps(r).encode()), requests))
+    for req, (status, body) in zip(requests, answers):
+        assert status == 200
+        assert_same(body, masker(parse_request(req)))
+    status, health = http(f"{server}/health")
+    assert health["strings"] >= sum(len(r["inputs"]["input_string"]) for r in requests)
