@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The demo (`make demo`), on CPU in a few minutes: the bundled Jargon File -> byte-level BPE tokenizer
-# (vocab 8192) -> token corpus -> `experiment=debug` pretraining (DeepSpeed, one process) -> validation.
+# (vocab 8192) -> token corpus -> `experiment=debug` pretraining (DeepSpeed, one process) -> validation
+# -> evaluation -> export to Hugging Face format -> fill-mask on the model card's sample request.
 # Prints the final validation loss next to the unigram entropy of the corpus's tokens (nats, the same
 # base as the loss) and fails unless the model ends clearly below it (it has learned from context).
-# Outputs: demo_out/{tokenizer,corpus,run}. Extra arguments go to pretrain.train as Hydra overrides.
+# Outputs: demo_out/{tokenizer,corpus,run,hf}. Extra arguments go to pretrain.train as Hydra overrides.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} WANDB_MODE=${WANDB_MODE:-offline}
@@ -11,16 +12,16 @@ PY=${PYTHON:-python}
 OUT=demo_out
 MARGIN=0.1   # nats the validation loss must end below the unigram entropy
 
-echo "== 1/4 tokenizer (vocab 8192) -> $OUT/tokenizer"
+echo "== 1/7 tokenizer (vocab 8192) -> $OUT/tokenizer"
 $PY -m data_prep.build_tokenizer input=data/jargon.txt.gz output_dir=$OUT/tokenizer vocab_size=8192 progress=false
-echo "== 2/4 corpus -> $OUT/corpus"
+echo "== 2/7 corpus -> $OUT/corpus"
 $PY -m data_prep.build_corpus input=data/jargon.txt.gz tokenizer=$OUT/tokenizer output_dir=$OUT/corpus \
     valid_fraction=0.02 progress=false
-echo "== 3/4 pretraining: experiment=debug -> $OUT/run"
+echo "== 3/7 pretraining: experiment=debug -> $OUT/run"
 rm -rf "$OUT/run"
 $PY -m pretrain.train experiment=debug data.corpus=$OUT/corpus data.tokenizer=$OUT/tokenizer \
     trainer.output_dir=$OUT/run trainer.resume=none "$@"
-echo "== 4/4 validation loss vs unigram entropy"
+echo "== 4/7 validation loss vs unigram entropy"
 $PY - "$OUT" "$MARGIN" <<'EOF'
 import json, sys
 import numpy as np
@@ -42,3 +43,9 @@ if not final["valid/loss"] < entropy - margin:
     sys.exit(f"FAIL: the validation loss is not {margin} nats below the unigram entropy")
 print(f"OK: {entropy - final['valid/loss']:.3f} nats below the unigram entropy")
 EOF
+echo "== 5/7 evaluation of the last checkpoint (also in its eval.json)"
+$PY -m pretrain.evaluate checkpoint=$OUT/run
+echo "== 6/7 export to Hugging Face format -> $OUT/hf"
+$PY -m pretrain.export checkpoint=$OUT/run output_dir=$OUT/hf overwrite=true
+echo "== 7/7 fill-mask: the model card's sample request (tests/assets/fill_mask_request.json)"
+$PY -m pretrain.fill_mask model=$OUT/hf request=tests/assets/fill_mask_request.json
