@@ -206,3 +206,22 @@ def test_prep_array_equals_single_process_build(jargon_tokenizer: Path, tmp_path
     a, b = files(single), files(array)
     assert sorted(a) == sorted(b)
     assert [n for n in a if a[n] != b[n]] == []
+
+
+def test_requeues_are_bounded(jargon_corpus: Path, jargon_tokenizer: Path, tmp_path: Path) -> None:
+    """With MAX_REQUEUES=0 a signalled job checkpoints and ends with exit 75 instead of requeueing."""
+    out = tmp_path / "run"
+    log = tmp_path / "bounded.log"
+    job = sbatch(["--job-name=bounded", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                  f"--output={log}", "--export=ALL,MAX_REQUEUES=0", str(REPO / "launch" / "pretrain.sbatch"),
+                  *train_overrides(jargon_corpus, jargon_tokenizer, out, 200)])
+    wait_for(job, lambda _i: (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= 3,
+             "at step 3", log=log)
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    info = wait_for(job, finished, "finished", log=log)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", text[-3000:]
+    assert info["Restarts"] == "0"
+    assert "requeues are used up: not requeueing" in text
+    assert (out / "checkpoints" / "latest").is_file()
+    assert max(losses(out)) < 200
