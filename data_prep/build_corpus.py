@@ -14,10 +14,15 @@ How it works, and what it promises:
   - Deterministic: the bytes depend only on the input and the settings (tokenizer, valid_fraction,
     shard_tokens), never on `workers` or `num_tasks`: a K-task build merged gives exactly the files of a
     one-process build. The manifest holds no timings (those go to the per-file records).
-  - Parallel: `workers`=1 (the default, and the fastest measured on 2 cores: see bench/data_prep.py)
-    tokenizes in a background thread with the tokenizers library's own threads, while the main
-    thread reads and writes; `workers`>1 runs that many single-threaded processes. Batches are
-    ~`batch_bytes` of text, at most 2 a worker in flight, so memory does not grow with the corpus.
+  - Parallel: `workers`=1 (the default; use it) tokenizes in a background thread with the tokenizers
+    library's own threads, which already use every core, while the main thread reads and writes a
+    ~1 MB list of documents at a time (no Python work per document on the hot path). `workers`=N>1
+    runs N single-threaded processes instead: it pays process start-up and pickling, and measured
+    slower on 2 cores (bench/data_prep.py: 0.74-0.84 of raw vs 0.86-0.98). Try N>1 only on a big node
+    where one process's serial part (turning encodings into arrays, split hashes) limits it, and
+    keep it only if `python -m bench.data_prep workers=1,N` says so. Output bytes never depend on it.
+    Batches are ~`batch_bytes` of text, at most 2 a worker in flight: memory does not grow with the
+    corpus.
   - Corpus directory: the shards, manifest.json, and .build/ (settings.json, the per-file records,
     merge.lock); a `.verified.json` appears once data_prep.corpus.Corpus.open has checked hashes.
   - Scale-out: task t of K does the files i with i % K == t. When every file has a record (after the
@@ -30,12 +35,14 @@ How it works, and what it promises:
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import fcntl
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -48,7 +55,7 @@ from tokenizers import Tokenizer
 
 from data_prep.cli import parse_args, run, setting
 from data_prep.corpus import MANIFEST, VERIFIED, check_shard_hashes, write_manifest
-from data_prep.io import InputError, Progress, ReadStats, expand_inputs, read_documents
+from data_prep.io import InputError, Progress, ReadStats, expand_inputs, read_document_lists
 from data_prep.shards import FORMAT_VERSION, CorpusError, ShardWriter, token_dtype
 from data_prep.tokenizer import TokenizerError, document_encoder, load_tokenizer, special_ids, tokenizer_hash
 
@@ -64,7 +71,7 @@ class BuildCorpusArgs:
     tokenizer: str = setting("", "tokenizer directory (data_prep.build_tokenizer)")
     valid_fraction: float = setting(0.001, "share of documents in the valid split")
     shard_tokens: int = setting(100_000_000, "start a new shard part after this many tokens")
-    workers: int = setting(1, "1: in-process (tokenizers threads); N>1: N processes")
+    workers: int = setting(1, "1 (best on few cores): tokenizers' own threads; N>1: N processes")
     batch_bytes: int = setting(1 << 20, "text per tokenizer batch (no effect on output)")
     num_tasks: int = setting(1, "independent tasks sharing the input files")
     task_index: int = setting(0, "this task, 0..num_tasks-1")
@@ -103,8 +110,20 @@ def _init_worker(tokenizer_dir: str) -> None:
 
 def is_valid_doc(text: str, valid_fraction: float) -> bool:
     """The split of a document, from a hash of its text alone."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < valid_fraction * 2.0**64
+    return bool(_valid_mask([text], valid_fraction)[0])
+
+
+def _valid_mask(texts: list[str], valid_fraction: float) -> np.ndarray:
+    """is_valid_doc for each text: blake2b-64 (little-endian) < valid_fraction * 2**64, compared
+    exactly (integers below the float threshold are those below its ceiling)."""
+    threshold = math.ceil(valid_fraction * 2.0**64)
+    if threshold == 0:
+        return np.zeros(len(texts), dtype=bool)
+    if threshold >= 2**64:
+        return np.ones(len(texts), dtype=bool)
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(t.encode("utf-8"), digest_size=8).digest() for t in texts])
+    return np.frombuffer(digests, dtype="<u8") < np.uint64(threshold)
 
 
 def _encode(texts: list[str], valid_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,19 +133,27 @@ def _encode(texts: list[str], valid_fraction: float) -> tuple[np.ndarray, np.nda
     lengths = np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
     all_ids = itertools.chain.from_iterable(e.ids for e in encodings)
     ids = np.fromiter(all_ids, dtype=_DTYPE, count=int(lengths.sum()))
-    valid = np.fromiter((is_valid_doc(t, valid_fraction) for t in texts), dtype=bool, count=len(texts))
-    return valid, lengths, ids
+    return _valid_mask(texts, valid_fraction), lengths, ids
 
 
-def _batches(docs: Iterator[str], batch_bytes: int) -> Iterator[list[str]]:
+def _batches(doc_lists: Iterator[list[str]], batch_bytes: int) -> Iterator[list[str]]:
+    """Batches of documents: each ends with the document that brings it to `batch_bytes` characters
+    (the last batch may be smaller); one bisection a batch, no test a document."""
     batch: list[str] = []
-    size = 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
-        if size >= batch_bytes:
+    size = 0  # characters in `batch`
+    for docs in doc_lists:
+        ends = list(itertools.accumulate(map(len, docs)))  # characters up to and including each doc
+        start = 0
+        while start < len(docs):
+            before = ends[start - 1] if start else 0
+            last = bisect.bisect_left(ends, before + batch_bytes - size, lo=start)  # first to fill it
+            if last == len(docs):
+                batch.extend(docs[start:])
+                size += ends[-1] - before
+                break
+            batch.extend(docs[start : last + 1])
             yield batch
-            batch, size = [], 0
+            batch, size, start = [], 0, last + 1
     if batch:
         yield batch
 
@@ -253,6 +280,40 @@ def _shard_name(split: str, index: int, part: int) -> str:
 
 # ---------------------------------------------------------------- the build
 
+class _SplitShards:
+    """The shards of one split of one input file: `<split>-<index>-<part>`, a new part once a part
+    reaches `shard_tokens` tokens (the document that crosses the limit ends its part)."""
+
+    def __init__(self, out: Path, split: str, index: int, dtype: np.dtype, shard_tokens: int):
+        self.out, self.split, self.index, self.dtype = out, split, index, dtype
+        self.shard_tokens = shard_tokens
+        self.entries: list[dict] = []  # the closed parts' manifest entries
+        self._writer: ShardWriter | None = None
+
+    def add_many(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents (ids back to back, `lengths` tokens each), cutting parts where they fill."""
+        ends = np.cumsum(lengths)
+        doc, tok = 0, 0  # the first document, and its first token, not yet written
+        while doc < len(lengths):
+            if self._writer is None:
+                name = _shard_name(self.split, self.index, len(self.entries))
+                self._writer = ShardWriter(self.out, name, self.dtype)
+            room = self.shard_tokens - self._writer.num_tokens  # > 0: a full part is closed at once
+            stop = min(int(np.searchsorted(ends, tok + room)) + 1, len(lengths))  # past the filling doc
+            stop_tok = int(ends[stop - 1])
+            self._writer.add_many(ids[tok:stop_tok], lengths[doc:stop])
+            if self._writer.num_tokens >= self.shard_tokens:
+                self.entries.append(self._writer.close())
+                self._writer = None
+            doc, tok = stop, stop_tok
+
+    def close(self) -> list[dict]:
+        if self._writer is not None:
+            self.entries.append(self._writer.close())
+            self._writer = None
+        return self.entries
+
+
 def _build_file(out: Path, index: int, path: Path, encoder: Encoder, args: BuildCorpusArgs,
                 settings: dict, dtype: np.dtype, progress: Progress) -> dict:
     """Tokenize one input file into its shards; write and return its record."""
@@ -262,25 +323,15 @@ def _build_file(out: Path, index: int, path: Path, encoder: Encoder, args: Build
         for stale in out.glob(_shard_prefix(split, index) + "*"):
             stale.unlink()
     stats = ReadStats()
-    writers: dict[str, ShardWriter | None] = {s: None for s in SPLITS}
-    parts = {s: 0 for s in SPLITS}
-    shards: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    docs = read_documents(path, stats, progress)
+    writers = {s: _SplitShards(out, s, index, dtype, args.shard_tokens) for s in SPLITS}
+    docs = read_document_lists(path, stats, progress)
     for valid, lengths, ids in encoder.map(_batches(docs, args.batch_bytes)):
-        bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()  # Python ints: cheap per document
-        for j, is_valid in enumerate(valid.tolist()):
-            split = "valid" if is_valid else "train"
-            writer = writers[split]
-            if writer is None:
-                writer = writers[split] = ShardWriter(out, _shard_name(split, index, parts[split]), dtype)
-                parts[split] += 1
-            writer.add(ids[bounds[j] : bounds[j + 1]])
-            if writer.num_tokens >= args.shard_tokens:
-                shards[split].append(writer.close())
-                writers[split] = None
-    for split, writer in writers.items():
-        if writer is not None:
-            shards[split].append(writer.close())
+        for split, mine in (("train", ~valid), ("valid", valid)):
+            if mine.all():
+                writers[split].add_many(ids, lengths)
+            elif mine.any():  # the split's documents, a vectorised gather
+                writers[split].add_many(ids[np.repeat(mine, lengths)], lengths[mine])
+    shards = {s: writers[s].close() for s in SPLITS}
     record = {
         "index": index,
         "path": str(path),

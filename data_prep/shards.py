@@ -113,14 +113,17 @@ def open_bin(path: str | os.PathLike, dtype: np.dtype, num_tokens: int) -> np.nd
     size = path.stat().st_size
     want = num_tokens * np.dtype(dtype).itemsize
     if size != want:
-        raise CorpusError(f"{path}: {size} bytes, the index says {num_tokens} tokens = {want} bytes (truncated?)")
+        raise CorpusError(
+            f"{path}: {size} bytes, the index says {num_tokens} tokens = {want} bytes (truncated?)"
+        )
     if num_tokens == 0:
         return np.zeros((0,), dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))
 
 
 class ShardWriter:
-    """Writes one shard: token arrays appended document by document, then `close()`.
+    """Writes one shard: documents appended one at a time (`add`) or a batch at a time (`add_many`,
+    the fast path: one check and one write a batch), then `close()`.
 
     Files are written under temporary names and renamed into place by `close()`, so a shard whose
     `.idx` exists was written completely (a killed writer leaves only `*.tmp` files).
@@ -134,22 +137,50 @@ class ShardWriter:
         self.idx_path = self.directory / f"{name}.idx"
         self._bin_tmp = self.bin_path.with_suffix(".bin.tmp")
         self._bin = open(self._bin_tmp, "wb")
-        self._offsets: list[int] = [0]
+        self._offsets: list[np.ndarray] = [np.zeros(1, dtype=OFFSET_DTYPE)]  # chunks, one per add_many
+        self._num_docs = 0
+        self._num_tokens = 0
 
     @property
     def num_docs(self) -> int:
-        return len(self._offsets) - 1
+        return self._num_docs
 
     @property
     def num_tokens(self) -> int:
-        return self._offsets[-1]
+        return self._num_tokens
 
     def add(self, tokens: np.ndarray) -> None:
+        """Append one document."""
+        arr = np.asarray(tokens).reshape(-1)
+        self.add_many(arr, np.array([arr.size], dtype=np.int64))
+
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append `len(lengths)` documents whose token ids lie back to back in `tokens` (document k is
+        the next `lengths[k]` ids). The same bytes as `add` called once per document."""
         arr = np.asarray(tokens)
-        if arr.size and int(arr.max()) > np.iinfo(self.dtype).max:
-            raise CorpusError(f"token id {int(arr.max())} does not fit {dtype_name(self.dtype)}")
-        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
-        self._offsets.append(self._offsets[-1] + int(arr.size))
+        lens = np.asarray(lengths)
+        if arr.ndim != 1 or lens.ndim != 1:
+            raise CorpusError(f"{self.name}: tokens and lengths must be 1-D (got {arr.shape}, {lens.shape})")
+        if lens.size == 0:
+            if arr.size:
+                raise CorpusError(f"{self.name}: {arr.size} tokens given with no document lengths")
+            return
+        if lens.dtype.kind not in "iu" or (lens.dtype.kind == "i" and int(lens.min()) < 0):
+            raise CorpusError(f"{self.name}: document lengths must be non-negative integers")
+        ends = np.cumsum(lens, dtype=np.int64)
+        if int(ends[-1]) != arr.size:
+            raise CorpusError(f"{self.name}: lengths sum to {int(ends[-1])}, but {arr.size} tokens given")
+        if arr.size:
+            if arr.dtype.kind not in "iu":
+                raise CorpusError(f"{self.name}: token ids must be integers, got {arr.dtype}")
+            top, bottom = int(arr.max()), int(arr.min())
+            if top > np.iinfo(self.dtype).max or bottom < 0:
+                bad = top if top > np.iinfo(self.dtype).max else bottom
+                raise CorpusError(f"{self.name}: token id {bad} does not fit {dtype_name(self.dtype)}")
+            self._bin.write(np.ascontiguousarray(arr, dtype=self.dtype).data)
+        self._offsets.append((ends + self._num_tokens).astype(OFFSET_DTYPE))
+        self._num_docs += lens.size
+        self._num_tokens += arr.size
 
     def close(self) -> dict:
         """Finish both files; return the shard's manifest entry."""
@@ -159,7 +190,8 @@ class ShardWriter:
         idx_tmp = self.idx_path.with_suffix(".idx.tmp")
         with open(idx_tmp, "wb") as f:
             f.write(encode_idx_header(self.dtype.itemsize, self.num_docs))
-            f.write(np.asarray(self._offsets, dtype=OFFSET_DTYPE).tobytes())
+            for chunk in self._offsets:
+                f.write(chunk.data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(self._bin_tmp, self.bin_path)

@@ -15,7 +15,7 @@ import pytest
 
 from data_prep.build_corpus import BuildCorpusArgs, build_corpus, is_valid_doc, merge
 from data_prep.corpus import Corpus, load_manifest
-from data_prep.io import read_documents
+from data_prep.io import ReadStats, read_document_lists, read_documents
 from data_prep.shards import CorpusError
 from data_prep.tokenizer import document_encoder, import_gpt2, load_tokenizer, save_tokenizer, tokenizer_hash
 
@@ -80,6 +80,12 @@ def test_same_bytes_whatever_the_workers(tmp_path, jargon_tokenizer, jargon_path
     assert corpus_bytes(one) == corpus_bytes(two)
     names = sorted(p.name for p in one.glob("*.bin"))
     assert "train-00000-00001.bin" in names and "valid-00002-00000.bin" in names  # parts and per-file names
+    # a part ends with the document that brings it to shard_tokens; only a file's last part is short
+    shards = load_manifest(one)["splits"]["train"]["shards"]
+    for entry, after in zip(shards, shards[1:]):
+        if entry["bin"].rsplit("-", 1)[0] == after["bin"].rsplit("-", 1)[0]:  # not its file's last part
+            offsets = np.fromfile(one / entry["idx"], dtype="<u8", offset=24)
+            assert offsets[-2] < 5_000 <= offsets[-1]
     # reading the parts back gives every file's documents in order, file after file
     enc = document_encoder(load_tokenizer(jargon_tokenizer))
     for split in ("train", "valid"):
@@ -88,6 +94,19 @@ def test_same_bytes_whatever_the_workers(tmp_path, jargon_tokenizer, jargon_path
         assert [corpus[i].tolist() for i in range(len(corpus))] == [
             e.ids for e in enc.encode_batch(want, add_special_tokens=False)
         ]
+
+
+def test_document_lists_are_the_documents(tmp_path, jargon_path):
+    """The builder's fast reader gives read_documents' documents and counters, a list at a time."""
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("".join(f'{{"text": "{t}"}}\n' for t in ["", " \\n ", "doc", "x\\ud800y"]) + "\n")
+    for path in (jargon_path, jsonl):
+        one, lists = ReadStats(), ReadStats()
+        docs = list(read_documents(path, one))
+        batches = list(read_document_lists(path, lists))
+        assert [d for b in batches for d in b] == docs and one == lists
+    assert docs == ["doc", "x\ufffdy"] and one.skipped_empty == 2 and one.invalid_utf8 == 1
+    assert len(batches) == 1 and len(list(read_document_lists(jargon_path))) > 1  # ~1 MB a list
 
 
 def test_two_tasks_merged_equal_one_process(tmp_path, jargon_tokenizer, jargon_path):
