@@ -39,7 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_prep.corpus import MANIFEST, Corpus
 from data_prep.shards import CorpusError
-from pretrain.masking import IGNORE_INDEX, Masker, MaskingConfig
+from data_prep.tokenizer import load_tokenizer
+from pretrain.config import ConfigError
+from pretrain.masking import IGNORE_INDEX, Masker, MaskingConfig, word_start_table
 
 PACKINGS = ("full_sentences", "doc_sentences")
 CACHE_VERSION = 1
@@ -320,6 +322,20 @@ class StridedBatchSampler:
 # Loaders
 
 
+def word_starts(masking: MaskingConfig, tokenizer_dir: str | os.PathLike | None) -> np.ndarray | None:
+    """The `word_start` table both loaders need for whole-word masking, from the tokenizer directory
+    (`data.tokenizer`); None when `masking.whole_word` is off (no tokenizer is read then).
+
+    Raises `ConfigError` when whole-word masking is asked for without a tokenizer directory.
+    """
+    if not masking.whole_word:
+        return None
+    if not tokenizer_dir:
+        raise ConfigError("data.masking.whole_word=true needs data.tokenizer (the tokenizer directory): "
+                          "which tokens start a word comes from its vocabulary")
+    return word_start_table(load_tokenizer(tokenizer_dir))
+
+
 def _make_masker(corpus: Corpus, masking: MaskingConfig, word_start: np.ndarray | None) -> Masker:
     return Masker(masking, corpus.vocab_size, corpus.manifest["special_tokens"], word_start)
 
@@ -414,6 +430,9 @@ class TrainLoader:
             len(self.dataset), self.micro_batch_size, self.seed, self.rank, self.world_size, self._consumed
         )
         workers = self.num_workers > 0
+        # The iterator draws its workers' base seed from this generator, not from torch's global RNG (which
+        # holds the dropout stream); masks do not depend on it (see MaskingCollator).
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank)
         return DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -421,6 +440,7 @@ class TrainLoader:
             collate_fn=self.collate,
             prefetch_factor=self.prefetch_factor if workers else None,
             persistent_workers=False,
+            generator=generator,
         )
 
     def close(self) -> None:
@@ -497,4 +517,5 @@ __all__ = [
     "block_index",
     "check_corpus",
     "load_block_index",
+    "word_starts",
 ]

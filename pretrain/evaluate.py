@@ -31,9 +31,10 @@ from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
 from pretrain import checkpoint, distributed
 from pretrain.config import DEVICES, PRECISIONS, ConfigError, PretrainConfig
-from pretrain.data import PACKINGS, ValidLoader
+from pretrain.data import PACKINGS, ValidLoader, word_starts
 from pretrain.model import IGNORE_INDEX, MaskedLMOutput
-from pretrain.trained import CheckpointError, load_checkpoint_model, load_run_config, resolve_checkpoint
+from pretrain.trained import (CheckpointError, checkpoint_tokenizer_dir, load_checkpoint_model, load_run_config,
+                              resolve_checkpoint)
 
 EVAL_JSON = "eval.json"
 OVERRIDE_GROUPS = ("data.", "system.")
@@ -98,8 +99,11 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
         raise CorpusError(f"{run_cfg.data.corpus}: the valid split is empty (data.corpus)")
     batch_size = run_cfg.system.micro_batch_size
     data = run_cfg.data
+    # Whole-word masking needs the run's tokenizer (checked against the corpus), as the trainer read it.
+    tokenizer = checkpoint_tokenizer_dir(run_cfg) if data.masking.whole_word else None
     loader = ValidLoader(corpus, seq_len=data.seq_len, batch_size=batch_size, masking=data.masking,
-                         seed=run_cfg.trainer.seed, packing=data.packing)
+                         seed=run_cfg.trainer.seed, packing=data.packing,
+                         word_start=word_starts(data.masking, tokenizer))
     bf16 = run_cfg.system.precision == "bf16"
 
     def forward(batch: dict[str, torch.Tensor]) -> MaskedLMOutput:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -44,8 +43,9 @@ from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
 from pretrain import checkpoint, distributed
 from pretrain.config import ConfigError, PretrainConfig, resolved_yaml, to_run_config
-from pretrain.data import TrainLoader, ValidLoader, check_corpus
+from pretrain.data import TrainLoader, ValidLoader, check_corpus, word_starts
 from pretrain.engine import Engine, build_engine
+from pretrain.evaluate import evaluate
 from pretrain.flops import device_peak_flops, flops_per_token, mfu
 from pretrain.model import RobertaForMaskedLM
 from pretrain.optim import build_optimizer, build_scheduler
@@ -138,11 +138,12 @@ class Trainer:
             tok_hash = tokenizer_hash(run.data.tokenizer)
         corpus = Corpus.open(run.data.corpus, "train", expect_tokenizer_hash=tok_hash)
         check_corpus(corpus, run.model.vocab_size, tok_hash)
+        word_start = word_starts(run.data.masking, run.data.tokenizer)  # None unless whole-word masking
         self.loader = TrainLoader(
             corpus, seq_len=run.data.seq_len, micro_batch_size=run.system.micro_batch_size,
             packing=run.data.packing, masking=run.data.masking, seed=t.seed, rank=env.rank,
             world_size=env.world_size, num_workers=run.system.num_workers, pin_memory=run.system.pin_memory,
-            prefetch_factor=run.system.prefetch_factor,
+            prefetch_factor=run.system.prefetch_factor, word_start=word_start,
         )
         self.valid: ValidLoader | None = None
         if "valid" in corpus.manifest["splits"] and corpus.manifest["splits"]["valid"]["tokens"] > 0:
@@ -150,7 +151,7 @@ class Trainer:
             self.valid = ValidLoader(
                 valid_corpus, seq_len=run.data.seq_len, batch_size=run.system.micro_batch_size,
                 masking=run.data.masking, seed=t.seed, rank=env.rank, world_size=env.world_size,
-                packing=run.data.packing,
+                packing=run.data.packing, word_start=word_start,
             )
 
         optimizer = build_optimizer(model, run.optim)
@@ -227,15 +228,10 @@ class Trainer:
     # the step
 
     def _next_batches(self, it: Iterator[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the next step, on the device.
-
-        Loading runs with torch's CPU RNG forked: a DataLoader iterator draws its base seed from it when
-        (re)created, which would otherwise shift the dropout stream of a resumed run.
-        """
+        """This rank's micro-batches of the next step, on the device (loading draws nothing from torch's
+        global RNG: the dropout stream of a resumed run is the uninterrupted run's)."""
         nb = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[]):
-            micro = [next(it) for _ in range(self.grad_accum)]
-        return [{k: v.to(self.device, non_blocking=nb) for k, v in b.items()} for b in micro]
+        return [{k: v.to(self.device, non_blocking=nb) for k, v in next(it).items()} for _ in range(self.grad_accum)]
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, bool, bool]:
         """One optimizer step over this rank's micro-batches: (loss, applied, stop requested anywhere).
@@ -268,27 +264,16 @@ class Trainer:
         applied = self.engine.micro_step(boundary=True, skip=skip)
         return (float("nan") if skip else total / max(n_tokens, 1.0)), applied, n_stop > 0
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """MLM loss, perplexity and accuracy over the masked tokens of the valid split (all ranks)."""
+        """MLM loss, perplexity, accuracy and token count over the masked tokens of the valid split, summed
+        over all ranks (`pretrain.evaluate.evaluate`, the loop `python -m pretrain.evaluate` runs)."""
         assert self.valid is not None
         self.engine.train(False)
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, count, correct
-        for i, batch in enumerate(self.valid):
-            if self.run.data.valid_max_batches and i >= self.run.data.valid_max_batches:
-                break
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            out = self.engine.forward(batch)
-            targets = batch["labels"][batch["labels"].ne(-100)]
-            totals[0] += out.loss.double()
-            totals[1] += out.num_predictions.double()
-            totals[2] += (out.logits.argmax(-1) == targets).sum().double()
-        self.engine.train(True)
-        distributed.all_reduce(totals)
-        loss = float(totals[0] / totals[1].clamp(min=1))
-        return {"valid/loss": loss, "valid/ppl": math.exp(min(loss, 50.0)),
-                "valid/accuracy": float(totals[2] / totals[1].clamp(min=1)),
-                "valid/tokens": int(totals[1])}
+        try:
+            metrics = evaluate(self.engine.forward, self.valid, self.device, self.run.data.valid_max_batches)
+        finally:
+            self.engine.train(True)
+        return {f"valid/{k}": v for k, v in metrics.items()}
 
     # ----------------------------------------------------------------------------------------------
     # the loop

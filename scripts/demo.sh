@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} WANDB_MODE=${WANDB_MODE:-offline}
 PY=${PYTHON:-python}
 OUT=demo_out
-MARGIN=0.1   # nats the validation loss must end below the unigram entropy
+MARGIN=0.25  # nats the validation loss must end below the unigram entropy
 
 echo "== 1/7 tokenizer (vocab 8192) -> $OUT/tokenizer"
 $PY -m data_prep.build_tokenizer input=data/jargon.txt.gz output_dir=$OUT/tokenizer vocab_size=8192 progress=false

@@ -17,8 +17,10 @@ from pretrain.data import (
     block_index,
     check_corpus,
     load_block_index,
+    word_starts,
 )
-from pretrain.masking import IGNORE_INDEX, MaskingConfig
+from pretrain.config import ConfigError
+from pretrain.masking import IGNORE_INDEX, MaskingConfig, word_start_table
 
 VOCAB = 300
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": VOCAB - 1}
@@ -304,6 +306,31 @@ def test_workers_give_the_same_batches(corpus_docs):
     kw = dict(seq_len=32, micro_batch_size=4, seed=11, masking=MaskingConfig(whole_word=False))
     in_process = take(TrainLoader(corpus, num_workers=0, **kw), 4)
     assert_same(in_process, take(TrainLoader(corpus, num_workers=2, **kw), 4))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loading_leaves_torchs_global_rng_alone(corpus_docs, workers):
+    """The loader's iterator seeds its workers from its own generator: the trainer's dropout stream (torch's
+    global RNG) is the same whether or not a DataLoader iterator was (re)created, as on resume."""
+    corpus, _ = corpus_docs
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loader = TrainLoader(corpus, seq_len=32, micro_batch_size=3, seed=7, num_workers=workers)
+    take(loader, 2)
+    take(loader, 2)  # a second iterator, continuing
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_word_starts_from_the_tokenizer_only_for_whole_word_masking(jargon_tokenizer):
+    from data_prep.tokenizer import load_tokenizer
+
+    assert word_starts(MaskingConfig(whole_word=False), None) is None  # no tokenizer needed, none read
+    assert word_starts(MaskingConfig(whole_word=False), "/nonexistent") is None
+    table = word_starts(MaskingConfig(whole_word=True), jargon_tokenizer)
+    assert table is not None and np.array_equal(table, word_start_table(load_tokenizer(jargon_tokenizer)))
+    assert 0 < table.mean() < 1  # some tokens start words, some continue them
+    with pytest.raises(ConfigError, match="data.masking.whole_word=true needs data.tokenizer"):
+        word_starts(MaskingConfig(whole_word=True), None)
 
 
 def test_valid_loader_is_fixed_and_finite(tmp_path):

@@ -287,6 +287,36 @@ def test_resume_auto_passes_over_a_truncated_checkpoint(tmp_path, jargon_corpus,
 
 
 # ---------------------------------------------------------------------------------------------------
+# whole-word masking: the word-start table reaches the training and validation loaders (and evaluation)
+
+
+def test_whole_word_masking_trains_and_evaluates_the_same(tmp_path, jargon_corpus, jargon_tokenizer, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.config import ConfigError
+    from pretrain.evaluate import evaluate_checkpoint
+    from pretrain.train import run
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # run() exports them; restored afterwards
+    out = tmp_path / "run"
+    base = tiny(jargon_corpus, jargon_tokenizer, out, "trainer.backend=torch", "schedule.max_steps=3",
+                "data.masking.whole_word=true")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        with pytest.raises(ConfigError, match="data.masking.whole_word=true needs data.tokenizer"):
+            run(compose("pretrain", overrides=base + ["data.tokenizer=null"]))
+        assert run(compose("pretrain", overrides=base)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    final = [r for r in records if "valid/loss" in r][-1]
+    assert final["step"] == 3 and final["valid/tokens"] > 0
+    summary = evaluate_checkpoint(out)  # the run's whole-word masks, from its tokenizer
+    assert summary["tokens"] == final["valid/tokens"]
+    assert summary["loss"] == pytest.approx(final["valid/loss"], rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
 # stop signals: two ranks started the way srun starts them (SLURM_* variables only), SIGUSR1 (twice)
 # to one of them
 
