@@ -20,7 +20,7 @@ from pretrain.fill_mask import load_fill_masker, parse_request
 from pretrain.hf import load_hf
 from pretrain.trained import CheckpointError, load_checkpoint_model, load_run_config, resolve_checkpoint
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a dev dependency (make install): a missing one must fail, not skip  # noqa: E402
 
 STRINGS = ["Paris is the <mask> of France.", "Today is a <mask> day!", "The hacker wrote a <mask> in C.",
            "<mask> is the answer.", "Use the <mask>, Luke."]
