@@ -8,7 +8,7 @@ Where the rank comes from, first match wins:
 `init(env)` exports the standard variables (DeepSpeed reads them: without them it looks for MPI),
 creates the process group (gloo on CPU, nccl on CUDA) and returns the device of this rank.
 
-Stop signals: `StopSignal.install()` makes SIGUSR1 and SIGTERM set a flag (a second signal does
+Stop signals: `StopSignal.install()` makes SIGUSR1, SIGUSR2 and SIGTERM set a flag (a second signal does
 nothing more); the loop calls `any_rank(flag)` at each step boundary so that all ranks stop after the
 same step, write a checkpoint, and exit with `EXIT_STOPPED` (75, EX_TEMPFAIL: "stopped, resume me").
 """
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 EXIT_STOPPED = 75
-"""Exit code of a run stopped by SIGUSR1/SIGTERM after writing its checkpoint (resume it)."""
+"""Exit code of a run stopped by SIGUSR1/SIGUSR2/SIGTERM after writing its checkpoint (resume it)."""
 EXIT_NONFINITE = 3
 """Exit code of a run that saw `trainer.max_consecutive_nonfinite` non-finite steps in a row."""
 
@@ -169,24 +169,39 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 
 
 class StopSignal:
-    """SIGUSR1 / SIGTERM set `requested` (and remember which signal); the loop decides when to stop."""
+    """SIGUSR1 / SIGUSR2 / SIGTERM set `requested` (and remember which signal); the loop decides when to stop.
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    A launcher may have its own handler for one of these signals (submitit requeues the job on
+    SIGUSR2, its preemption signal). We take the signal first so that the step ends and a checkpoint
+    is written; then `hand_over()` calls the launcher's handler, which requeues as it always does.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._launcher_handler: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.requested:
             self.requested = True
             self.signal_name = signal.Signals(signum).name
+            previous = self._previous.get(signum)
+            self._launcher_handler = (signum, previous) if callable(previous) else None
 
     def install(self) -> "StopSignal":
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def hand_over(self) -> None:
+        """After the stop checkpoint: run the handler that the received signal had before `install`
+        (a launcher's, e.g. submitit's requeue; it may exit the process). Nothing for the defaults."""
+        if self._launcher_handler is not None:
+            signum, handler = self._launcher_handler
+            handler(signum, None)
 
     def restore(self) -> None:
         """Put back the handlers that were there before `install` (a run inside a longer process)."""

@@ -11,7 +11,7 @@ one all-reduce before the optimizer step, so every rank takes the same decision:
   - non-finite: the update is skipped everywhere (parameters and moments untouched), counted and
     logged; `trainer.max_consecutive_nonfinite` in a row end the run with exit code 3, without writing
     a checkpoint (the last good one stays the newest);
-  - stop signal (SIGUSR1/SIGTERM on any rank): all ranks finish this step, write a checkpoint and exit
+  - stop signal (SIGUSR1/SIGUSR2/SIGTERM on any rank): all ranks finish this step, write a checkpoint and exit
     with code 75 ("stopped by signal"; resume with trainer.resume=auto).
 
 Exit codes: 0 done (max_steps, or trainer.stop_at_step), 2 refused at start-up (a bad setting, a corpus
@@ -407,7 +407,11 @@ def run(cfg: DictConfig) -> int:
     run_cfg = to_run_config(cfg, env.world_size)
     device = distributed.select_device(env, run_cfg.system.device)
     distributed.init(env, device, run_cfg.system.dist_timeout_s, use_deepspeed=run_cfg.trainer.backend == "deepspeed")
-    return Trainer(run_cfg, cfg, env, device).fit()
+    trainer = Trainer(run_cfg, cfg, env, device)
+    code = trainer.fit()
+    if code == distributed.EXIT_STOPPED:
+        trainer.stop.hand_over()  # a launcher's own handler (submitit: requeue) now that the checkpoint is written
+    return code
 
 
 EXIT_BAD_INPUT = 2

@@ -50,3 +50,31 @@ def test_stop_signal_sets_a_flag_once_and_restores_handlers():
     finally:
         stop.restore()
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_stop_signal_hands_over_to_the_launchers_handler_after_the_checkpoint():
+    """submitit's SIGUSR2 handler (requeue) must run only after our stop checkpoint: `hand_over()`."""
+    calls: list[int] = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        stop = StopSignal().install()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested and stop.signal_name == "SIGUSR2"
+        assert calls == []  # the launcher's handler waits for the checkpoint
+        stop.restore()
+        stop.hand_over()
+        assert calls == [signal.SIGUSR2]
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
+def test_stop_signal_hands_over_nothing_for_default_handlers():
+    before = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        stop = StopSignal().install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        stop.restore()
+        stop.hand_over()  # SIG_DFL would kill the process: it must not be called
+        assert stop.requested
+    finally:
+        signal.signal(signal.SIGUSR1, before)

@@ -160,19 +160,57 @@ def test_signal_checkpoints_requeues_and_resumes_with_same_losses(
 
 def test_submitit_preset_two_ranks(jargon_corpus: Path, jargon_tokenizer: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "pretrain.train", "-m", "hydra/launcher=slurm_1node",
-        "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        f"hydra.launcher.submitit_folder={tmp_path / 'submitit'}",
-        *train_overrides(jargon_corpus, jargon_tokenizer, out, 12),
-    ]
+    cmd = submitit_command(tmp_path, train_overrides(jargon_corpus, jargon_tokenizer, out, 12))
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     logs = "\n".join(p.read_text()[-2000:] for p in (tmp_path / "submitit").rglob("*.out"))
     assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{logs}"
     assert sorted(losses(out)) == list(range(1, 13))
     assert (out / "checkpoints" / "latest").is_file()
     assert re.search(r"\b2 rank\(s\)", logs), "the submitit job did not run 2 ranks:\n" + logs
+
+
+def submitit_command(tmp: Path, overrides: list[str], tasks: int = 2) -> list[str]:
+    return [
+        sys.executable, "-m", "pretrain.train", "-m", "hydra/launcher=slurm_1node",
+        f"hydra.launcher.tasks_per_node={tasks}", "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", f"hydra.launcher.name={tmp.name}",
+        f"hydra.sweep.dir={tmp / 'sweep'}", f"hydra.launcher.submitit_folder={tmp / 'submitit'}", *overrides,
+    ]
+
+
+def test_submitit_preemption_checkpoints_requeues_and_resumes_with_same_losses(
+    reference_run, jargon_corpus: Path, jargon_tokenizer: Path, tmp_path: Path
+) -> None:
+    """submitit's preemption signal (SIGUSR2): the ranks stop at one step and checkpoint, then submitit's
+    own handler requeues the job, which resumes; the losses equal the uninterrupted sbatch run's."""
+    ref_out, _ = reference_run
+    out = tmp_path / "run"
+    proc = subprocess.Popen(submitit_command(tmp_path, train_overrides(jargon_corpus, jargon_tokenizer, out, 30)),
+                            cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        job = ""
+        while not job and time.monotonic() - t0 < 60:
+            job = subprocess.run(["squeue", "-h", "-n", tmp_path.name, "-o", "%i"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip()
+            time.sleep(0.5)
+        assert job, "the submitit job did not appear in squeue"
+        wait_for(job, lambda _i: (out / "metrics.jsonl").exists() and max(losses(out), default=0) >= 8,
+                 "at step 8")
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        wait_for(job, lambda i: i.get("Restarts", "0") != "0", "requeued")
+        time.sleep(2.5)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], timeout=30)
+        stdout, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "submitit").rglob("*.out")))
+    assert proc.returncode == 0, f"{stdout[-3000:]}\n{logs[-6000:]}"
+    assert "stopped by signal (SIGUSR2" in logs and "Requeued job" in logs, logs[-6000:]
+    got, want = losses(out), losses(ref_out)
+    assert sorted(got) == list(range(1, 31)), f"steps lost or repeated: {sorted(got)}"
+    assert got == want, {s: (got[s], want[s]) for s in got if got[s] != want[s]}
 
 
 def test_prep_array_equals_single_process_build(jargon_tokenizer: Path, tmp_path: Path) -> None:
