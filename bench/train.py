@@ -97,10 +97,8 @@ def time_interleaved(steps: dict[str, Callable[[], None]], n: int, warmup: int, 
 
 
 def main(argv: list[str]) -> None:
-    from pretrain import distributed
-    from pretrain.config import to_run_config
     from pretrain.flops import device_peak_flops, flops_per_token, mfu
-    from pretrain.train import Trainer, setup_logging
+    from pretrain.train import build_trainer
 
     opts = {"steps": 20, "warmup": 5}
     overrides = []
@@ -117,12 +115,8 @@ def main(argv: list[str]) -> None:
         overrides += [f"trainer.output_dir={tmp}/run"]
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = compose("pretrain", overrides=DEFAULTS + overrides)
-        env = distributed.detect()
-        setup_logging(env.rank)
-        run = to_run_config(cfg, env.world_size)
-        device = distributed.select_device(env, run.system.device)
-        distributed.init(env, device, run.system.dist_timeout_s, use_deepspeed=run.trainer.backend == "deepspeed")
-        trainer = Trainer(run, cfg, env, device)
+        trainer = build_trainer(cfg)
+        run, env, device = trainer.run, trainer.env, trainer.device
         batch = {k: v.to(device) for k, v in next(iter(trainer.loader)).items()}
         timed = time_interleaved({"full": full_step(trainer), "bare": bare_step(run, batch, trainer.grad_accum, device)},
                                  opts["steps"], opts["warmup"], device)

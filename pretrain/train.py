@@ -400,14 +400,19 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def run(cfg: DictConfig) -> int:
-    """Validate, set up the process group, train; returns the exit code (0, 3 or 75)."""
+def build_trainer(cfg: DictConfig) -> Trainer:
+    """Validate the composed config, set up logging and the process group, build the Trainer."""
     env = distributed.detect()
     setup_logging(env.rank)
     run_cfg = to_run_config(cfg, env.world_size)
     device = distributed.select_device(env, run_cfg.system.device)
     distributed.init(env, device, run_cfg.system.dist_timeout_s, use_deepspeed=run_cfg.trainer.backend == "deepspeed")
-    trainer = Trainer(run_cfg, cfg, env, device)
+    return Trainer(run_cfg, cfg, env, device)
+
+
+def run(cfg: DictConfig) -> int:
+    """Validate, set up the process group, train; returns the exit code (0, 3 or 75)."""
+    trainer = build_trainer(cfg)
     code = trainer.fit()
     if code == distributed.EXIT_STOPPED:
         trainer.stop.hand_over()  # a launcher's own handler (submitit: requeue) now that the checkpoint is written
