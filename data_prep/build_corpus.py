@@ -24,20 +24,24 @@ How it works, and what it promises:
     Batches are ~`batch_bytes` of text, at most 2 a worker in flight: memory does not grow with the
     corpus.
   - Corpus directory: the shards, manifest.json, and .build/ (settings.json, the per-file records,
-    merge.lock); a `.verified.json` appears once data_prep.corpus.Corpus.open has checked hashes.
+    the lock files start.lock, running.lock, file-*.lock, merge.lock); a `.verified.json` appears once data_prep.corpus.Corpus.open has checked hashes.
   - Scale-out: task t of K does the files i with i % K == t. When every file has a record (after the
     last task, or in a one-task build), the task writes manifest.json; `merge=true` does it explicitly.
   - Resumable: a rerun skips every file whose record exists and whose shards match their sha256;
     other files are redone from their start (their stale shards removed first). A killed build, rerun,
     ends with the same bytes as an uninterrupted one.
   - Safe: an output directory that holds a corpus built with other settings is refused unless
-    overwrite=true (which removes that corpus's files, and only those).
+    overwrite=true (which removes that corpus's files, and only those); one whose earlier build failed
+    before finishing any file is started afresh. Any number of tasks may start at once, identical
+    commands included: they agree on the settings under a lock, and each input file is built by one
+    task while a duplicate waits for it and then skips it (see _BuildStart).
 """
 from __future__ import annotations
 
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import fcntl
 import hashlib
 import itertools
@@ -45,8 +49,10 @@ import json
 import math
 import multiprocessing
 import os
+import socket
 import time
 from collections.abc import Iterator, Sequence
+from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,35 +225,98 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def _corpus_files(out: Path) -> list[Path]:
-    """The files a build writes into `out` (shards, temporaries, manifest, records): what overwrite
-    removes."""
+    """The files a build writes into `out` (shards, temporaries, manifest, records, settings): what a
+    restart with other settings removes. Never the lock files: others may be waiting on them."""
     shards = [f"{s}-*.{ext}" for s in SPLITS for ext in ("bin", "idx", "bin.tmp", "idx.tmp")]
-    names = shards + [MANIFEST, MANIFEST + ".tmp", VERIFIED, f"{BUILD_DIR}/*"]
+    names = shards + [MANIFEST, MANIFEST + ".tmp", VERIFIED, f"{BUILD_DIR}/*.json", f"{BUILD_DIR}/*.tmp"]
     return sorted({p for pattern in names for p in out.glob(pattern) if p.is_file()})
 
 
-def _prepare_output(out: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse (or with overwrite, clear) a directory holding a corpus with other settings."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / BUILD_DIR).mkdir(exist_ok=True)
-    spath = out / BUILD_DIR / SETTINGS
-    existing_files = _corpus_files(out)
-    if spath.is_file():
-        old = json.loads(spath.read_text())
-    elif (out / MANIFEST).is_file():
-        old = json.loads((out / MANIFEST).read_text()).get("build", {}).get("settings") or {}
-    else:
-        old = None if not existing_files else {}
-    if old is not None and old != settings:
-        if not overwrite:
-            differ = sorted(k for k in settings.keys() | old.keys() if old.get(k) != settings.get(k))
+def _finished_files(out: Path) -> list[Path]:
+    """What makes `out` a corpus, finished or in part: a manifest, a file record (a built input file),
+    or a complete shard. A failed start leaves none of these, only settings and temporaries."""
+    names = [MANIFEST, f"{BUILD_DIR}/file-*.json"] + [f"{s}-*.{ext}" for s in SPLITS for ext in ("bin", "idx")]
+    return sorted({p for pattern in names for p in out.glob(pattern) if p.is_file()})
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    """Hold an flock (fcntl.LOCK_EX or LOCK_SH, optionally | LOCK_NB) on `path` for the block.
+    flock needs a file system that supports it across nodes (local disks, Lustre with -o flock, NFSv4)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, mode)
+        yield
+
+
+class _BuildStart:
+    """Task start-up that any number of tasks may run at once (a SLURM array starts them in one second).
+
+    `.build/start.lock` (exclusive, held for the few milliseconds of the decision) lets one task at a
+    time read `.build/settings.json` and decide: same settings: go on; no corpus yet: write the settings
+    (atomically) and go on; other settings: refuse if `out` holds finished work (a manifest, a file
+    record or a complete shard) unless overwrite=true, and otherwise (a failed earlier start, which left
+    only its settings) start afresh. Clearing `out` also needs `.build/running.lock` exclusively, which
+    every running task holds shared from its start to its end: a task never clears what another is
+    writing; it refuses, naming the running tasks' host and pid.
+    """
+
+    def __init__(self, out: Path, settings: dict, overwrite: bool):
+        self.out, self.settings, self.overwrite = out, settings, overwrite
+        self.build = out / BUILD_DIR
+        self.marker = self.build / f"task-{socket.gethostname()}-{os.getpid()}.running"
+        self._running: IO[str] | None = None
+
+    def __enter__(self) -> _BuildStart:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.build.mkdir(exist_ok=True)
+        with _flock(self.build / "start.lock", fcntl.LOCK_EX):
+            old = self._old_settings()
+            if old != self.settings:
+                self._clear_for_new_settings(old)
+                _write_json(self.build / SETTINGS, self.settings)
+            self._running = open(self.build / "running.lock", "a")
+            fcntl.flock(self._running, fcntl.LOCK_SH)  # nobody holds it exclusively: we hold start.lock
+            self.marker.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.marker.unlink(missing_ok=True)
+        if self._running is not None:
+            self._running.close()  # releases the shared lock
+
+    def _old_settings(self) -> dict | None:
+        """The settings of what `out` holds: None for nothing, {} for files of unknown origin."""
+        spath = self.build / SETTINGS
+        if spath.is_file():
+            return json.loads(spath.read_text())
+        if (self.out / MANIFEST).is_file():
+            return json.loads((self.out / MANIFEST).read_text()).get("build", {}).get("settings") or {}
+        return {} if _corpus_files(self.out) else None
+
+    def _clear_for_new_settings(self, old: dict | None) -> None:
+        if old is None:
+            return  # an empty directory
+        if _finished_files(self.out) and not self.overwrite:
+            differ = sorted(k for k in self.settings.keys() | old.keys() if old.get(k) != self.settings.get(k))
             raise CorpusError(
-                f"{out}: holds a different corpus (settings differ in {', '.join(differ)}); "
+                f"{self.out}: holds a different corpus (settings differ in {', '.join(differ)}); "
                 "pass overwrite=true to replace it, or choose another output_dir"
             )
-        for p in _corpus_files(out):
-            p.unlink()
-    _write_json(spath, settings)
+        try:
+            with _flock(self.build / "running.lock", fcntl.LOCK_EX | fcntl.LOCK_NB):
+                for p in _corpus_files(self.out):
+                    p.unlink()
+        except BlockingIOError:
+            holders = sorted(m.read_text().strip() for m in self.build.glob("task-*.running"))
+            raise CorpusError(
+                f"{self.out}: another build with other settings is running in it "
+                f"(host pid: {'; '.join(holders) or 'unknown'}); wait for it to end or choose another output_dir"
+            ) from None
+
+    def file_lock(self, index: int) -> contextlib.AbstractContextManager[None]:
+        """One task at a time builds (or checks) input file `index`: a duplicate task waits, then
+        finds the file's record and skips it."""
+        return _flock(self.build / f"file-{index:05d}.lock", fcntl.LOCK_EX)
 
 
 def _record_path(out: Path, index: int) -> Path:
@@ -405,26 +474,31 @@ def build_corpus(args: BuildCorpusArgs) -> dict:
     paths = expand_inputs(args.input)
     tok = load_tokenizer(args.tokenizer)
     settings = _settings(args, paths, tok)
-    _prepare_output(out, settings, args.overwrite)
     dtype = token_dtype(settings["vocab_size"])
     mine = [(i, p) for i, p in enumerate(paths) if i % args.num_tasks == args.task_index]
-    todo = [(i, p) for i, p in mine if _load_record(out, i, settings) is None]
+    built = 0
     counters: dict[str, int] = collections.Counter()
-    if todo:
-        encoder = Encoder(tok, args.tokenizer, args.workers, args.valid_fraction)
-        progress = Progress([p for _, p in todo], f"task {args.task_index}", enabled=args.progress)
-        try:
-            for i, path in todo:
-                record = _build_file(out, i, path, encoder, args, settings, dtype, progress)
-                counters.update(record["counters"])
-        finally:
-            progress.close()
-            encoder.close()
-    done = all(_record_path(out, i).is_file() for i in range(len(paths)))
-    if done:
-        merge(out)
+    with _BuildStart(out, settings, args.overwrite) as started:
+        todo = [(i, p) for i, p in mine if _load_record(out, i, settings) is None]
+        if todo:
+            encoder = Encoder(tok, args.tokenizer, args.workers, args.valid_fraction)
+            progress = Progress([p for _, p in todo], f"task {args.task_index}", enabled=args.progress)
+            try:
+                for i, path in todo:
+                    with started.file_lock(i):
+                        if _load_record(out, i, settings) is not None:
+                            continue  # another task built it meanwhile (two copies of one command)
+                        record = _build_file(out, i, path, encoder, args, settings, dtype, progress)
+                    built += 1
+                    counters.update(record["counters"])
+            finally:
+                progress.close()
+                encoder.close()
+        done = all(_record_path(out, i).is_file() for i in range(len(paths)))
+        if done:
+            merge(out)
     return {
-        "files_built": len(todo), "files_skipped": len(mine) - len(todo), **dict(sorted(counters.items())),
+        "files_built": built, "files_skipped": len(mine) - built, **dict(sorted(counters.items())),
         "seconds": round(time.perf_counter() - start, 2),
         "manifest": str(out / MANIFEST) if done else "not yet (other tasks still to run; then merge=true)",
     }

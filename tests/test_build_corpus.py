@@ -15,7 +15,7 @@ import pytest
 
 from data_prep.build_corpus import BuildCorpusArgs, build_corpus, is_valid_doc, merge
 from data_prep.corpus import Corpus, load_manifest
-from data_prep.io import ReadStats, read_document_lists, read_documents
+from data_prep.io import InputError, ReadStats, read_document_lists, read_documents
 from data_prep.shards import CorpusError
 from data_prep.tokenizer import document_encoder, import_gpt2, load_tokenizer, save_tokenizer, tokenizer_hash
 
@@ -126,18 +126,85 @@ def test_two_tasks_merged_equal_one_process(tmp_path, jargon_tokenizer, jargon_p
     assert corpus_bytes(out) == corpus_bytes(single)
 
 
-def test_two_tasks_at_once_like_a_slurm_array(tmp_path, jargon_tokenizer, jargon_path):
-    inputs = split_jargon(tmp_path, jargon_path, parts=4, max_docs=2000)
-    single = build(tmp_path, "single", inputs, jargon_tokenizer)
-    out = tmp_path / "array"
-    argv = [sys.executable, "-m", "data_prep.build_corpus", f"input={','.join(map(str, inputs))}",
-            f"tokenizer={jargon_tokenizer}", f"output_dir={out}", "num_tasks=2", "progress=false"]
-    procs = [subprocess.Popen([*argv, f"task_index={t}"], cwd=REPO, stderr=subprocess.PIPE, text=True)
-             for t in range(2)]
+def race(tmp_path: Path, name: str, inputs: list[Path], tokenizer: Path, tasks: list[tuple[int, int]],
+         rounds: int, delay_s: float, **kw) -> tuple[list[Path], dict[int, dict]]:
+    """len(tasks) processes building together into a fresh output dir, `rounds` times (see
+    tests/corpus_race_runner.py); returns the output dirs and each process's {round: error or None}."""
+    barrier = tmp_path / f"{name}-barrier"
+    barrier.mkdir()
+    outs = [tmp_path / f"{name}-{r}" for r in range(rounds)]
+    spec = tmp_path / f"{name}.json"
+    spec.write_text(json.dumps({
+        "processes": len(tasks), "rounds": [str(o) for o in outs], "barrier": str(barrier), "delay_s": delay_s,
+        "tasks": tasks, "args": {"input": ",".join(map(str, inputs)), "tokenizer": str(tokenizer), **kw},
+    }))
+    runner = str(REPO / "tests" / "corpus_race_runner.py")
+    procs = [subprocess.Popen([sys.executable, runner, str(spec), str(i)], cwd=REPO, stderr=subprocess.PIPE,
+                              text=True) for i in range(len(tasks))]
     for proc in procs:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
-    assert corpus_bytes(out) == corpus_bytes(single)
+    return outs, {i: json.loads((barrier / f"result-{i}.json").read_text()) for i in range(len(tasks))}
+
+
+def test_eight_tasks_at_once_like_a_slurm_array(tmp_path, jargon_tokenizer, jargon_path):
+    """8 array tasks start in the same millisecond, 10 times, with the settings write slowed down to
+    widen the window in which a start-up without a lock took another task's files for another corpus."""
+    inputs = split_jargon(tmp_path, jargon_path, parts=8, max_docs=400)
+    single = build(tmp_path, "single", inputs, jargon_tokenizer)
+    outs, results = race(tmp_path, "array", inputs, jargon_tokenizer, [(8, t) for t in range(8)], rounds=10,
+                         delay_s=0.05)
+    errors = [f"task {i} round {r}: {e}" for i, res in results.items() for r, e in res.items() if e]
+    assert not errors, "\n".join(errors)
+    for out in outs:
+        assert corpus_bytes(out) == corpus_bytes(single), out
+        assert not list(out.glob("*.tmp")) and not list(out.glob(".build/*.tmp"))
+
+
+def test_identical_builds_at_once_are_harmless(tmp_path, jargon_tokenizer, jargon_path):
+    """Two copies of one command into one output_dir (a user's double submit): both exit cleanly, each
+    file is built once, and the manifest agrees with the shards (verify_corpus passes)."""
+    from data_prep.verify_corpus import verify_corpus
+
+    inputs = split_jargon(tmp_path, jargon_path, parts=4, max_docs=2000)
+    single = build(tmp_path, "single", inputs, jargon_tokenizer, shard_tokens=5_000)
+    outs, results = race(tmp_path, "copies", inputs, jargon_tokenizer, [(1, 0), (1, 0)], rounds=3, delay_s=0.0,
+                         shard_tokens=5_000)
+    assert all(e is None for res in results.values() for e in res.values()), results
+    for out in outs:
+        assert corpus_bytes(out) == corpus_bytes(single), out
+        verify_corpus(out)
+
+
+def test_a_build_with_other_settings_never_clears_a_running_one(tmp_path, jargon_tokenizer, jargon_path):
+    from data_prep.build_corpus import _BuildStart, _settings
+    from data_prep.io import expand_inputs
+
+    (inp,) = split_jargon(tmp_path, jargon_path, parts=1, max_docs=100)
+    out = tmp_path / "out"
+    args = BuildCorpusArgs(output_dir=str(out), input=str(inp), tokenizer=str(jargon_tokenizer), progress=False)
+    settings = _settings(args, expand_inputs(args.input), load_tokenizer(jargon_tokenizer))
+    with _BuildStart(out, settings, overwrite=False):  # a task of this build is running (nothing finished)
+        for overwrite in (False, True):
+            with pytest.raises(CorpusError, match=rf"another build with other settings is running in it "
+                                                  rf"\(host pid: \S+ {os.getpid()}\)"):
+                build(tmp_path, "out", [inp], jargon_tokenizer, valid_fraction=0.3, overwrite=overwrite)
+        assert json.loads((out / ".build" / "settings.json").read_text()) == settings
+    assert not list((out / ".build").glob("*.running"))
+    build(tmp_path, "out", [inp], jargon_tokenizer, valid_fraction=0.3)  # it ended: nothing finished to keep
+
+
+def test_a_rerun_after_a_failed_build_is_not_a_different_corpus(tmp_path, jargon_tokenizer):
+    """The first build stops on a malformed line; the user fixes the file (its size changes, so the
+    settings differ) and reruns with the same command: accepted, as nothing was finished."""
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "first doc"}\n{"text": broken\n')
+    with pytest.raises(InputError, match="not valid JSON"):
+        build(tmp_path, "out", src, jargon_tokenizer, valid_fraction=0.0)
+    src.write_text('{"text": "first doc"}\n{"text": "fixed"}\n')
+    out = build(tmp_path, "out", src, jargon_tokenizer, valid_fraction=0.0)
+    assert load_manifest(out)["build"]["counters"]["documents"] == 2
+    assert corpus_bytes(out) == corpus_bytes(build(tmp_path, "fresh", src, jargon_tokenizer, valid_fraction=0.0))
 
 
 def test_split_does_not_move_when_files_are_added(tmp_path, jargon_tokenizer, jargon_path):
