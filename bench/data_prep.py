@@ -30,10 +30,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.cli import parse_args, run, setting
+from core.tokenizer import document_encoder, load_tokenizer
 from data_prep.build_corpus import BUILD_DIR, BuildCorpusArgs
-from data_prep.cli import parse_args, run, setting
 from data_prep.io import read_documents
-from data_prep.tokenizer import document_encoder, import_gpt2, load_tokenizer, save_tokenizer
+from data_prep.tokenizer import import_gpt2, save_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 JARGON = REPO / "data" / "jargon.txt.gz"

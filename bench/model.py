@@ -3,7 +3,7 @@
     python -m bench.model                                   # CPU, tiny preset, seq 128, fp32
     python -m bench.model --device cuda --config large --seq 512 --batch 16 --dtype bf16
 
-Both models get the same weights (ours exported through `pretrain.hf.state_dict_to_hf`), the same batch
+Both models get the same weights (ours exported through `core.hf.state_dict_to_hf`), the same batch
 (no padding, 15% of positions labelled), the same dtype (bf16 = autocast over fp32 weights) and AdamW.
 A step is forward, backward, optimizer step. The models alternate (ours, HF, ours, HF, ...) for
 `--rounds` rounds of `--steps` timed steps after warm-up; the table gives medians over rounds, eager and
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from core.hf import config_to_hf, state_dict_to_hf
+from core.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM
 from pretrain.flops import device_peak_flops, flops_per_token, mfu
-from pretrain.hf import config_to_hf, state_dict_to_hf
-from pretrain.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM
 
 MASK_FRACTION = 0.15
 

@@ -60,7 +60,7 @@ def full_step(trainer) -> Callable[[], None]:
 
 def bare_step(run, batch: dict[str, torch.Tensor], grad_accum: int, device: torch.device) -> Callable[[], None]:
     """Forward/backward (x grad_accum) + AdamW on a fixed batch, plain PyTorch, a model of its own."""
-    from pretrain.model import RobertaForMaskedLM
+    from core.model import RobertaForMaskedLM
 
     torch.manual_seed(0)
     model = RobertaForMaskedLM(run.model).to(device)

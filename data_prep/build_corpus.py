@@ -52,18 +52,18 @@ import os
 import socket
 import time
 from collections.abc import Iterator, Sequence
-from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from data_prep.cli import parse_args, run, setting
+from core.cli import parse_args, run, setting
+from core.tokenizer import TokenizerError, document_encoder, load_tokenizer, special_ids, tokenizer_hash
 from data_prep.corpus import MANIFEST, VERIFIED, check_shard_hashes, write_manifest
 from data_prep.io import InputError, Progress, ReadStats, expand_inputs, read_document_lists
 from data_prep.shards import FORMAT_VERSION, CorpusError, ShardWriter, token_dtype
-from data_prep.tokenizer import TokenizerError, document_encoder, load_tokenizer, special_ids, tokenizer_hash
 
 SPLITS = ("train", "valid")
 BUILD_DIR = ".build"  # settings.json and the per-file records

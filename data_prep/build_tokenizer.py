@@ -12,9 +12,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from data_prep.cli import parse_args, run, setting
+from core.cli import parse_args, run, setting
+from core.tokenizer import TokenizerError, tokenizer_hash
 from data_prep.io import InputError, Progress, ReadStats, expand_inputs, iter_documents
-from data_prep.tokenizer import TokenizerError, import_gpt2, save_tokenizer, tokenizer_hash, train_tokenizer
+from data_prep.tokenizer import import_gpt2, save_tokenizer, train_tokenizer
 
 
 @dataclass

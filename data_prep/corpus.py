@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from core.hashing import file_sha256
 from data_prep.shards import (
     FORMAT_VERSION,
     CorpusError,
     dtype_from_name,
     dtype_name,
-    file_sha256,
     open_bin,
     read_idx,
     token_dtype,

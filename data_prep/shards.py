@@ -18,12 +18,13 @@ This module is the only place that knows the byte layout; writers and readers bo
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from core.hashing import file_sha256
 
 FORMAT_VERSION = 1
 IDX_MAGIC = b"RBTIDX\x00\x00"
@@ -52,14 +53,6 @@ def dtype_from_name(name: str) -> np.dtype:
         return {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}[name]
     except KeyError:
         raise CorpusError(f"unknown token dtype {name!r} (expected uint16 or uint32)") from None
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def encode_idx_header(itemsize: int, num_docs: int) -> bytes:
@@ -98,11 +91,6 @@ def read_idx(path: str | os.PathLike, expected_itemsize: int | None = None) -> n
     if num_docs and bool(np.any(np.diff(offsets) < 0)):
         raise CorpusError(f"{path}: document offsets decrease; the index is corrupt")
     return offsets
-
-
-def idx_itemsize(path: str | os.PathLike) -> int:
-    with open(path, "rb") as f:
-        return _HEADER.unpack(f.read(HEADER_BYTES))[2]
 
 
 def open_bin(path: str | os.PathLike, dtype: np.dtype, num_tokens: int) -> np.ndarray:

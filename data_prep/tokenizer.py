@@ -31,18 +31,19 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from data_prep.shards import file_sha256
-
-BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
-SPECIALS = [BOS, PAD, EOS, UNK]  # ids 0..3, in this order
-TOKENIZER_JSON = "tokenizer.json"
-MODEL_MAX_LENGTH = 512
-# the number of specials before the BPE tokens, and the one (<mask>) after them
-NUM_LEADING_SPECIALS = len(SPECIALS)
-
-
-class TokenizerError(ValueError):
-    """A tokenizer cannot be built as asked, or a tokenizer directory is not one of ours."""
+from core.tokenizer import (
+    BOS,
+    EOS,
+    MASK,
+    MODEL_MAX_LENGTH,
+    NUM_LEADING_SPECIALS,
+    PAD,
+    SPECIALS,
+    TOKENIZER_JSON,
+    UNK,
+    TokenizerError,
+    special_ids,
+)
 
 
 def _assemble(bpe: models.BPE) -> Tokenizer:
@@ -166,45 +167,3 @@ def save_tokenizer(tok: Tokenizer, output_dir: str | os.PathLike) -> Path:
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
     return out
-
-
-def document_encoder(tok: Tokenizer) -> Tokenizer:
-    """A copy of `tok` for encoding corpus text: the same BPE and ids, but no special-token matching
-    and no post-processor, so a document that happens to contain the text "<mask>" or "</s>" is
-    encoded as those characters (as fairseq did), never as a special id. decode(encode(s)) == s for
-    every string."""
-    encoder = Tokenizer(tok.model)  # shares the BPE model: no copy of the vocabulary
-    encoder.normalizer = tok.normalizer
-    encoder.pre_tokenizer = tok.pre_tokenizer
-    encoder.decoder = tok.decoder
-    return encoder
-
-
-def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Load `<directory>/tokenizer.json`, checking that it has our special-token layout."""
-    path = Path(directory) / TOKENIZER_JSON
-    if not path.is_file():
-        raise TokenizerError(f"{path}: no tokenizer.json; build one with python -m data_prep.build_tokenizer")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-        raise TokenizerError(f"{path}: cannot load ({e})") from None
-    special_ids(tok)
-    return tok
-
-
-def tokenizer_hash(directory: str | os.PathLike) -> str:
-    """sha256 of the bytes of `<directory>/tokenizer.json`: names everything built with it."""
-    path = Path(directory) / TOKENIZER_JSON
-    if not path.is_file():
-        raise TokenizerError(f"{path}: no tokenizer.json")
-    return file_sha256(path)
-
-
-def special_ids(tok: Tokenizer) -> dict[str, int]:
-    """{'bos': 0, 'pad': 1, 'eos': 2, 'unk': 3, 'mask': vocab_size-1}; raises if the layout differs."""
-    ids = {key: tok.token_to_id(t) for key, t in zip(("bos", "pad", "eos", "unk", "mask"), SPECIALS + [MASK])}
-    want = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": tok.get_vocab_size() - 1}
-    if ids != want:
-        raise TokenizerError(f"special token ids are {ids}, expected {want}")
-    return ids

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.cli import parse_args, run, setting
+from core.cli import parse_args, run, setting
 from data_prep.corpus import Corpus, check_shard_hashes, load_manifest
 from data_prep.shards import CorpusError
 

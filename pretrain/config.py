@@ -4,7 +4,7 @@ The dataclasses below are registered with Hydra's ConfigStore as `pretrain_schem
 the primary config's defaults list: every YAML file merged on top of it is checked against these types,
 so an unknown key or a value of the wrong type fails while the config is composed, naming the key.
 The values themselves live in the YAML files under `conf/` (one source per setting); the model and the
-masking reuse `pretrain.model.RobertaConfig` and `pretrain.masking.MaskingConfig` as their schema.
+masking reuse `core.model.RobertaConfig` and `pretrain.masking.MaskingConfig` as their schema.
 
 `to_run_config(cfg, world_size)` turns the composed DictConfig into these dataclasses and checks what
 a type cannot: choices, the batch arithmetic (global = micro x accumulation x world size, the
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from core import checkpoint
+from core.model import RobertaConfig
 from pretrain.masking import MaskingConfig
-from pretrain.model import RobertaConfig
 
 BACKENDS = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16")
@@ -305,3 +306,31 @@ def to_run_config(cfg: DictConfig, world_size: int, check_corpus: bool = True) -
 def resolved_yaml(cfg: DictConfig) -> str:
     """The composed config with interpolations resolved, as YAML (saved beside each checkpoint)."""
     return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def load_run_config(ckpt: Path, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """The run config saved in checkpoint `ckpt`, with `key=value` overrides (e.g. `data.corpus=...`),
+    checked against the schema: an unknown key or a bad value raises `ConfigError` naming it."""
+
+    def first_line(e: Exception) -> str:  # omegaconf appends full_key / reference_type lines
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PretrainConfig), OmegaConf.load(ckpt / checkpoint.RUN_CONFIG))
+    except Exception as e:  # omegaconf's ValidationError / ConfigKeyError, a YAML error
+        raise ConfigError(f"{ckpt / checkpoint.RUN_CONFIG}: {first_line(e)}") from None
+    for override in overrides:
+        if "=" not in override or override.startswith("="):
+            raise ConfigError(f"{override!r}: an override is key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+        except Exception as e:
+            raise ConfigError(f"override {override!r}: {first_line(e)}") from None
+    try:
+        run = OmegaConf.to_object(merged)
+    except ValueError as e:  # RobertaConfig / MaskingConfig __post_init__
+        raise ConfigError(f"{ckpt / checkpoint.RUN_CONFIG} with overrides {list(overrides)}: {e}") from None
+    except Exception as e:  # MissingMandatoryValue
+        raise ConfigError(f"{ckpt / checkpoint.RUN_CONFIG}: {first_line(e)}") from None
+    assert isinstance(run, PretrainConfig)
+    return run

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.tokenizer import load_tokenizer
 from data_prep.corpus import MANIFEST, Corpus
 from data_prep.shards import CorpusError
-from data_prep.tokenizer import load_tokenizer
 from pretrain.config import ConfigError
 from pretrain.masking import IGNORE_INDEX, Masker, MaskingConfig, word_start_table
 

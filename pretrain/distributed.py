@@ -9,8 +9,9 @@ Where the rank comes from, first match wins:
 creates the process group (gloo on CPU, nccl on CUDA) and returns the device of this rank.
 
 Stop signals: `StopSignal.install()` makes SIGUSR1, SIGUSR2 and SIGTERM set a flag (a second signal does
-nothing more); the loop calls `any_rank(flag)` at each step boundary so that all ranks stop after the
-same step, write a checkpoint, and exit with `EXIT_STOPPED` (75, EX_TEMPFAIL: "stopped, resume me").
+nothing more); the trainer all-reduces the flag with each step's loss (one reduction a step), so that all
+ranks stop after the same step, write a checkpoint, and exit with `EXIT_STOPPED` (75, EX_TEMPFAIL:
+"stopped, resume me"). The whole preemption story (SLURM, requeue, submitit's SIGUSR2): README.md.
 """
 from __future__ import annotations
 
@@ -42,10 +43,6 @@ class DistEnv:
     master_port: int
     launcher: str
     """`single`, `torchrun` (any launcher that sets RANK) or `slurm`."""
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def first_host(nodelist: str) -> str:
@@ -161,11 +158,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is true on at least one."""
-    return bool(all_reduce(torch.tensor([int(flag)], device=device), "max").item())
 
 
 class StopSignal:

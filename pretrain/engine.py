@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.checkpoint import DEEPSPEED_DIR, TORCH_MODEL, TORCH_OPTIMIZER, TORCH_SCHEDULER
+from core.model import MaskedLMOutput
 from pretrain.config import PretrainConfig
-from pretrain.model import MaskedLMOutput
 from pretrain.optim import SkippableAdamW
 
 
@@ -87,14 +88,14 @@ class TorchEngine:
 
     def save(self, directory: Path) -> None:
         """Model, optimizer and scheduler state (one process: rank 0 writes them)."""
-        torch.save(self.module.state_dict(), directory / "model.pt")
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        torch.save(self.module.state_dict(), directory / TORCH_MODEL)
+        torch.save(self.optimizer.state_dict(), directory / TORCH_OPTIMIZER)
+        torch.save(self.scheduler.state_dict(), directory / TORCH_SCHEDULER)
 
     def load(self, directory: Path) -> None:
-        self.module.load_state_dict(torch.load(directory / "model.pt", map_location=self.device))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
-        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
+        self.module.load_state_dict(torch.load(directory / TORCH_MODEL, map_location=self.device))
+        self.optimizer.load_state_dict(torch.load(directory / TORCH_OPTIMIZER, map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(directory / TORCH_SCHEDULER))
 
 
 def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
@@ -128,7 +129,7 @@ def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
 class DeepSpeedEngine:
     """`deepspeed.initialize` with the client AdamW and LambdaLR; any ZeRO stage, fp32 or bf16."""
 
-    TAG = "deepspeed"
+    TAG = DEEPSPEED_DIR
     """The DeepSpeed checkpoint tag: its files live in `<checkpoint>/deepspeed/`."""
 
     def __init__(self, model: nn.Module, optimizer: SkippableAdamW, scheduler: Any, cfg: PretrainConfig,
@@ -201,24 +202,3 @@ def build_engine(cfg: PretrainConfig, model: nn.Module, optimizer: SkippableAdam
         return TorchEngine(model, optimizer, scheduler, cfg, device)
     assert cfg.system.grad_accum is not None  # derived by to_run_config
     return DeepSpeedEngine(model, optimizer, scheduler, cfg, device, cfg.system.grad_accum)
-
-
-def load_model_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The model's weights (fp32, on the CPU) from a checkpoint of either backend, any ZeRO stage.
-
-    torch backend: `model.pt`. DeepSpeed: the fp32 master weights gathered from the ZeRO partitions
-    (stages 1-3), or the module's weights saved by rank 0 (stage 0).
-    """
-    directory = Path(checkpoint_dir)
-    if (directory / "model.pt").is_file():
-        return torch.load(directory / "model.pt", map_location="cpu")
-    ds_dir = directory / DeepSpeedEngine.TAG
-    if not ds_dir.is_dir():
-        raise FileNotFoundError(f"{directory}: neither model.pt nor {DeepSpeedEngine.TAG}/: not a checkpoint")
-    if any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DeepSpeedEngine.TAG)
-        return {k: v.float() for k, v in state.items()}
-    module = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in module.items()}

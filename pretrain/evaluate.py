@@ -25,16 +25,22 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from omegaconf import OmegaConf
 
-from data_prep.cli import parse_args, run, setting
+from core import checkpoint
+from core.checkpoint import (
+    CheckpointError,
+    checkpoint_tokenizer_dir,
+    load_checkpoint_model,
+    resolve_checkpoint,
+)
+from core.cli import parse_args, run, setting
+from core.model import IGNORE_INDEX, MaskedLMOutput
 from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
-from pretrain import checkpoint, distributed
-from pretrain.config import DEVICES, PRECISIONS, ConfigError, PretrainConfig
+from pretrain import distributed
+from pretrain.config import DEVICES, PRECISIONS, ConfigError, PretrainConfig, load_run_config
 from pretrain.data import PACKINGS, ValidLoader, word_starts
-from pretrain.model import IGNORE_INDEX, MaskedLMOutput
-from pretrain.trained import (CheckpointError, checkpoint_tokenizer_dir, load_checkpoint_model, load_run_config,
-                              resolve_checkpoint)
 
 EVAL_JSON = "eval.json"
 OVERRIDE_GROUPS = ("data.", "system.")
@@ -86,21 +92,21 @@ def check_settings(run_cfg: PretrainConfig) -> None:
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict:
-    """Evaluate the checkpoint `path` (anything `pretrain.trained.resolve_checkpoint` accepts) on its
+    """Evaluate the checkpoint `path` (anything `core.checkpoint.resolve_checkpoint` accepts) on its
     run's valid split, in one process; returns the summary (see the module docstring)."""
     ckpt = resolve_checkpoint(path)
     run_cfg = load_run_config(ckpt, overrides)
     check_settings(run_cfg)
     env = distributed.detect({})  # one process, whatever launched us
     device = distributed.select_device(env, run_cfg.system.device)
-    model = load_checkpoint_model(ckpt, run_cfg).to(device)
+    model = load_checkpoint_model(ckpt, run_cfg.model).to(device)
     corpus = Corpus.open(run_cfg.data.corpus, "valid", expect_vocab_size=run_cfg.model.vocab_size)
     if corpus.num_tokens == 0:
         raise CorpusError(f"{run_cfg.data.corpus}: the valid split is empty (data.corpus)")
     batch_size = run_cfg.system.micro_batch_size
     data = run_cfg.data
     # Whole-word masking needs the run's tokenizer (checked against the corpus), as the trainer read it.
-    tokenizer = checkpoint_tokenizer_dir(run_cfg) if data.masking.whole_word else None
+    tokenizer = checkpoint_tokenizer_dir(OmegaConf.structured(run_cfg)) if data.masking.whole_word else None
     loader = ValidLoader(corpus, seq_len=data.seq_len, batch_size=batch_size, masking=data.masking,
                          seed=run_cfg.trainer.seed, packing=data.packing,
                          word_start=word_starts(data.masking, tokenizer))

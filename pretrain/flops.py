@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.model import RobertaConfig
+from core.model import RobertaConfig
 
 # Dense (no sparsity) peak FLOP/s by device-name substring, per dtype; first match wins, so the
 # more specific names come first.

@@ -39,22 +39,20 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from core import checkpoint
+from core.model import RobertaForMaskedLM
 from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
-from pretrain import checkpoint, distributed
+from pretrain import distributed
 from pretrain.config import ConfigError, PretrainConfig, resolved_yaml, to_run_config
 from pretrain.data import TrainLoader, ValidLoader, check_corpus, word_starts
 from pretrain.engine import Engine, build_engine
 from pretrain.evaluate import evaluate
 from pretrain.flops import device_peak_flops, flops_per_token, mfu
-from pretrain.model import RobertaForMaskedLM
 from pretrain.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("pretrain.train")
 
-RANK_STATE = "rank_{:05d}.pt"
-TRAINER_STATE = "trainer_state.json"
-CONFIG_FILE = "config.yaml"
 
 
 class ResumeError(RuntimeError):
@@ -133,7 +131,7 @@ class Trainer:
 
         tok_hash = None
         if run.data.tokenizer:
-            from data_prep.tokenizer import tokenizer_hash
+            from core.tokenizer import tokenizer_hash
 
             tok_hash = tokenizer_hash(run.data.tokenizer)
         corpus = Corpus.open(run.data.corpus, "train", expect_tokenizer_hash=tok_hash)
@@ -177,12 +175,12 @@ class Trainer:
         def write(directory: Path) -> None:
             self.engine.save(directory)
             torch.save({"rng": checkpoint.rng_state(), "loader": self.loader.state_dict()},
-                       directory / RANK_STATE.format(rank))
+                       directory / checkpoint.RANK_STATE.format(rank))
             if rank == 0:
-                (directory / CONFIG_FILE).write_text(resolved_yaml(self.cfg))
+                (directory / checkpoint.RUN_CONFIG).write_text(resolved_yaml(self.cfg))
                 state = {"step": self.step, "world_size": self.env.world_size, "backend": run.trainer.backend,
                          "skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_id}
-                (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
+                (directory / checkpoint.TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
 
         path = checkpoint.save(self.ckpt_root, self.step, write, run.trainer.keep_last)
         log.info("checkpoint: step %d -> %s", self.step, path)
@@ -210,14 +208,14 @@ class Trainer:
         return None if chosen is None else Path(chosen)
 
     def load(self, path: Path) -> None:
-        state = json.loads((path / TRAINER_STATE).read_text())
+        state = json.loads((path / checkpoint.TRAINER_STATE).read_text())
         if state["world_size"] != self.env.world_size or state["backend"] != self.run.trainer.backend:
             raise ResumeError(
                 f"{path}: saved by {state['world_size']} rank(s) with trainer.backend={state['backend']}; "
                 f"this run has {self.env.world_size} with trainer.backend={self.run.trainer.backend}"
             )
         self.engine.load(path)
-        rank_state = torch.load(path / RANK_STATE.format(self.env.rank), weights_only=False)
+        rank_state = torch.load(path / checkpoint.RANK_STATE.format(self.env.rank), weights_only=False)
         self.loader.load_state_dict(rank_state["loader"])
         checkpoint.set_rng_state(rank_state["rng"])
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])

@@ -46,6 +46,6 @@ EOF
 echo "== 5/7 evaluation of the last checkpoint (also in its eval.json)"
 $PY -m pretrain.evaluate checkpoint=$OUT/run
 echo "== 6/7 export to Hugging Face format -> $OUT/hf"
-$PY -m pretrain.export checkpoint=$OUT/run output_dir=$OUT/hf overwrite=true
+$PY -m serving.export checkpoint=$OUT/run output_dir=$OUT/hf overwrite=true
 echo "== 7/7 fill-mask: the model card's sample request (tests/assets/fill_mask_request.json)"
-$PY -m pretrain.fill_mask model=$OUT/hf request=tests/assets/fill_mask_request.json
+$PY -m serving.fill_mask model=$OUT/hf request=tests/assets/fill_mask_request.json

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.tokenizer import document_encoder, load_tokenizer, tokenizer_hash
 from data_prep.build_corpus import BuildCorpusArgs, build_corpus, is_valid_doc, merge
 from data_prep.corpus import Corpus, load_manifest
 from data_prep.io import InputError, ReadStats, read_document_lists, read_documents
 from data_prep.shards import CorpusError
-from data_prep.tokenizer import document_encoder, import_gpt2, load_tokenizer, save_tokenizer, tokenizer_hash
+from data_prep.tokenizer import import_gpt2, save_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

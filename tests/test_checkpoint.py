@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain import checkpoint
-from pretrain.checkpoint import CHECKPOINT_JSON, LATEST, find_resumable, problem, rng_state, set_rng_state
+from core import checkpoint
+from core.checkpoint import CHECKPOINT_JSON, LATEST, find_resumable, problem, rng_state, set_rng_state
 
 
 def write_files(step: int):

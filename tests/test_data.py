@@ -10,6 +10,7 @@ import torch
 
 from data_prep.corpus import Corpus, write_manifest
 from data_prep.shards import CorpusError, ShardWriter, token_dtype
+from pretrain.config import ConfigError
 from pretrain.data import (
     PackedBlocks,
     TrainLoader,
@@ -19,7 +20,6 @@ from pretrain.data import (
     load_block_index,
     word_starts,
 )
-from pretrain.config import ConfigError
 from pretrain.masking import IGNORE_INDEX, MaskingConfig, word_start_table
 
 VOCAB = 300
@@ -322,7 +322,7 @@ def test_loading_leaves_torchs_global_rng_alone(corpus_docs, workers):
 
 
 def test_word_starts_from_the_tokenizer_only_for_whole_word_masking(jargon_tokenizer):
-    from data_prep.tokenizer import load_tokenizer
+    from core.tokenizer import load_tokenizer
 
     assert word_starts(MaskingConfig(whole_word=False), None) is None  # no tokenizer needed, none read
     assert word_starts(MaskingConfig(whole_word=False), "/nonexistent") is None

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from checkpoint_fixtures import REPO, final_validation, trained_runs
 
+from core.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
 from data_prep.corpus import Corpus
-from pretrain.config import ConfigError
+from pretrain.config import ConfigError, load_run_config
 from pretrain.data import ValidLoader
 from pretrain.evaluate import EVAL_JSON, evaluate, evaluate_checkpoint
-from pretrain.trained import CheckpointError, load_checkpoint_model, load_run_config, resolve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +53,7 @@ def test_consolidated_deepspeed_weights_reproduce_the_two_rank_validation(runs, 
     on both ranks' batches in one process give the same totals."""
     ckpt = resolve_checkpoint(runs[name])
     run = load_run_config(ckpt)
-    model = load_checkpoint_model(ckpt, run)
+    model = load_checkpoint_model(ckpt, run.model)
     corpus = Corpus.open(run.data.corpus, "valid")
     loaders = [ValidLoader(corpus, seq_len=run.data.seq_len, batch_size=run.system.micro_batch_size,
                            masking=run.data.masking, seed=run.trainer.seed, rank=r, world_size=2,

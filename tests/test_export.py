@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
+import transformers  # a dev dependency (make install): a missing one must fail, not skip  # noqa: E402
 from checkpoint_fixtures import REPO, trained_runs
 
-from data_prep.tokenizer import TokenizerError, load_tokenizer, save_tokenizer, train_tokenizer
-from pretrain.export import TOKENIZER_FILES, export
-from pretrain.fill_mask import load_fill_masker, parse_request
-from pretrain.hf import load_hf
-from pretrain.trained import CheckpointError, load_checkpoint_model, load_run_config, resolve_checkpoint
-
-import transformers  # a dev dependency (make install): a missing one must fail, not skip  # noqa: E402
+from core.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
+from core.hf import load_hf
+from core.tokenizer import TokenizerError, load_tokenizer
+from data_prep.tokenizer import save_tokenizer, train_tokenizer
+from pretrain.config import load_run_config
+from serving.export import TOKENIZER_FILES, export
+from serving.masker import load_fill_masker, parse_request
 
 STRINGS = ["Paris is the <mask> of France.", "Today is a <mask> day!", "The hacker wrote a <mask> in C.",
            "<mask> is the answer.", "Use the <mask>, Luke."]
@@ -38,7 +38,7 @@ def exported(runs, tmp_path_factory) -> dict[str, Path]:
     the others in-process)."""
     root = tmp_path_factory.mktemp("exported")
     out = {name: root / name for name in runs}
-    cmd = [sys.executable, "-m", "pretrain.export", f"checkpoint={runs['zero3']}/checkpoints/latest",
+    cmd = [sys.executable, "-m", "serving.export", f"checkpoint={runs['zero3']}/checkpoints/latest",
            f"output_dir={out['zero3']}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -91,7 +91,7 @@ def test_bf16_export(runs, tmp_path):
     config = json.loads((Path(out["output_dir"]) / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
     ckpt = resolve_checkpoint(runs["torch"])
-    fp32 = load_checkpoint_model(ckpt, load_run_config(ckpt)).state_dict()
+    fp32 = load_checkpoint_model(ckpt, load_run_config(ckpt).model).state_dict()
     bf16 = load_hf(out["output_dir"]).state_dict()
     assert all(torch.equal(bf16[k], fp32[k].bfloat16().float()) for k in fp32)
 

@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from checkpoint_fixtures import REPO, trained_runs
 
-from pretrain.fill_mask import FillMasker, RequestError, decode_request, load_fill_masker, parse_request
-from pretrain.serve import Batcher
+from serving.masker import FillMasker, RequestError, decode_request, load_fill_masker, parse_request
+from serving.server import Batcher
 
 SAMPLE = REPO / "tests" / "assets" / "fill_mask_request.json"
 KEYS = {"score", "token", "token_str", "sequence"}
@@ -31,7 +30,7 @@ SENTENCES = [f"The {w} is a <mask> of the system." for w in
 
 
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain.fill_mask", *args], cwd=REPO, input=stdin,
+    return subprocess.run([sys.executable, "-m", "serving.fill_mask", *args], cwd=REPO, input=stdin,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -181,10 +180,10 @@ def test_batcher_drains_pending_jobs_into_batches(masker):
 
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
-    """`python -m pretrain.fill_mask serve=true port=0` in a subprocess; yields its base URL."""
+    """`python -m serving.fill_mask serve=true port=0` in a subprocess; yields its base URL."""
     log = tmp_path_factory.mktemp("server") / "stderr.txt"
     with open(log, "w") as err:
-        cmd = [sys.executable, "-m", "pretrain.fill_mask", f"model={ckpt}", "serve=true", "port=0"]
+        cmd = [sys.executable, "-m", "serving.fill_mask", f"model={ckpt}", "serve=true", "port=0"]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.model import RobertaConfig, RobertaForMaskedLM
 from pretrain.flops import device_peak_flops, flops_per_token, matmul_params, mfu, peak_flops_for_name
-from pretrain.model import RobertaConfig, RobertaForMaskedLM
 
 
 def test_roberta_large_figures():

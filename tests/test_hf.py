@@ -10,17 +10,16 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 import transformers  # a dev dependency (make install): a missing one must fail, not skip  # noqa: E402
 
-from pretrain.hf import (  # noqa: E402
+from core.hf import (  # noqa: E402
     HFCheckpointError,
     hf_to_state_dict,
     load_hf,
     save_hf,
     state_dict_to_hf,
 )
-from pretrain.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM  # noqa: E402
+from core.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM  # noqa: E402
 
 VOCAB = 99  # not a multiple of 64: our model pads to 128 internally
 
@@ -172,7 +171,7 @@ def test_broken_checkpoints_are_refused_by_name(tmp_path):
 
 
 def test_package_does_not_import_transformers():
-    code = "import sys, pretrain.model, pretrain.hf, pretrain.flops; assert 'transformers' not in sys.modules"
+    code = "import sys, core.model, core.hf, pretrain.flops; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -2,14 +2,13 @@
 options (padded vocabulary, activation checkpointing, bf16 autocast, torch.compile) giving equal results."""
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
-from pretrain.model import (
+from core.model import (
     IGNORE_INDEX,
     PRESET_DIR,
     Layer,

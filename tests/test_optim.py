@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.model import RobertaConfig, RobertaForMaskedLM
 from pretrain.config import OptimConfig, ScheduleConfig
-from pretrain.model import RobertaConfig, RobertaForMaskedLM
 from pretrain.optim import build_optimizer, build_scheduler, lr_at, param_groups
 
 OPTIM = OptimConfig(lr=1e-3, beta1=0.9, beta2=0.98, eps=1e-6, weight_decay=0.01, grad_clip=0.0)

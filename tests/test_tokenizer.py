@@ -11,20 +11,11 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from core.cli import parse_args
+from core.tokenizer import TokenizerError, document_encoder, load_tokenizer, special_ids, tokenizer_hash
 from data_prep.build_tokenizer import BuildTokenizerArgs, build_tokenizer
-from data_prep.cli import parse_args
 from data_prep.io import InputError, read_documents
-from data_prep.tokenizer import (
-    TokenizerError,
-    document_encoder,
-    import_gpt2,
-    load_tokenizer,
-    read_merges,
-    save_tokenizer,
-    special_ids,
-    tokenizer_hash,
-    train_tokenizer,
-)
+from data_prep.tokenizer import import_gpt2, read_merges, save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 GPT2 = REPO / "tests" / "assets" / "gpt2"

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_runner import GOLDEN_RTOL, GOLDEN_STEPS, REPO, golden_overrides, losses
 
-from pretrain.checkpoint import CHECKPOINT_JSON, LATEST, find_resumable
-from pretrain.engine import load_model_state
+from core.checkpoint import CHECKPOINT_JSON, LATEST, find_resumable, load_model_state
 from pretrain.train import ResumeError
 
 PY = sys.executable

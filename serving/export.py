@@ -1,16 +1,16 @@
 """Export a training checkpoint to a Hugging Face directory:
-`python -m pretrain.export checkpoint=<dir> output_dir=<dir>`.
+`python -m serving.export checkpoint=<dir> output_dir=<dir>`.
 
 `checkpoint` is a `step_*` directory, the `latest` pointer, a `checkpoints/` directory or a run
 directory, of either backend and any ZeRO stage (0-3, offloaded or not): the weights are consolidated
-into one fp32 state dict (`pretrain.engine.load_model_state`). The output directory gets
+into one fp32 state dict (`core.checkpoint.load_model_state`). The output directory gets
 
-    config.json, model.safetensors        `pretrain.hf.save_hf` (fp32, or `dtype=bf16`)
+    config.json, model.safetensors        `core.hf.save_hf` (fp32, or `dtype=bf16`)
     tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
                                           copied from the run's tokenizer (`data.tokenizer`, or `tokenizer=`)
 
 so that `transformers.AutoModelForMaskedLM` / `AutoTokenizer` / `pipeline("fill-mask", model=dir)`
-load it, and `python -m pretrain.fill_mask model=<dir>` gives the same answers.
+load it, and `python -m serving.fill_mask model=<dir>` gives the same answers.
 """
 from __future__ import annotations
 
@@ -23,17 +23,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from data_prep.cli import parse_args, run, setting
-from data_prep.tokenizer import TOKENIZER_JSON, TokenizerError
-from pretrain.config import ConfigError
-from pretrain.hf import CONFIG_NAME, HFCheckpointError, SAFETENSORS_NAME, save_hf
-from pretrain.trained import (
+from core.checkpoint import (
     CheckpointError,
     checkpoint_tokenizer_dir,
     load_checkpoint_model,
-    load_run_config,
+    model_config,
+    read_run_config,
     resolve_checkpoint,
 )
+from core.cli import parse_args, run, setting
+from core.hf import CONFIG_NAME, SAFETENSORS_NAME, HFCheckpointError, save_hf
+from core.tokenizer import TOKENIZER_JSON, TokenizerError
 
 TOKENIZER_FILES = (TOKENIZER_JSON, "vocab.json", "merges.txt", "tokenizer_config.json",
                    "special_tokens_map.json")
@@ -50,13 +50,13 @@ def export(checkpoint: str | Path, output_dir: str | Path, tokenizer: str | Path
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output_dir={out} exists and is not empty (overwrite=true replaces it)")
-    run_cfg = load_run_config(ckpt)
+    run_cfg = read_run_config(ckpt)
     tok_dir = checkpoint_tokenizer_dir(run_cfg, tokenizer)
     missing = [name for name in TOKENIZER_FILES if not (tok_dir / name).is_file()]
     if missing:
         raise TokenizerError(f"{tok_dir}: lacks {missing}; rebuild it with "
                              f"python -m data_prep.build_tokenizer")
-    model = load_checkpoint_model(ckpt, run_cfg).to(DTYPES[dtype])
+    model = load_checkpoint_model(ckpt, model_config(run_cfg)).to(DTYPES[dtype])
 
     tmp = out.with_name(f".tmp-{out.name}")  # written aside, then moved into place: never half an export
     shutil.rmtree(tmp, ignore_errors=True)
@@ -93,4 +93,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main, errors=(CheckpointError, HFCheckpointError, TokenizerError, ConfigError, FileExistsError))
+    run(main, errors=(CheckpointError, HFCheckpointError, TokenizerError, FileExistsError))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.model import RobertaConfig, RobertaForMaskedLM
+from core.model import RobertaConfig, RobertaForMaskedLM
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"

@@ -1,6 +1,6 @@
-"""The fill-mask HTTP server: `python -m pretrain.fill_mask model=<dir> serve=true port=8000`.
+"""The fill-mask HTTP server: `python -m serving.fill_mask model=<dir> serve=true port=8000`.
 
-    POST /score    the request schema of `pretrain.fill_mask` -> 200 and the same JSON the CLI prints
+    POST /score    the request schema of `serving.masker` -> 200 and the same JSON the CLI prints
     GET  /health   200 {"status": "ok", "model", "vocab_size", "max_tokens", "default_top_k",
                         "batches", "strings"}  (forwards run and strings answered so far)
 
@@ -25,9 +25,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from pretrain.fill_mask import DEFAULT_TOP_K, Encoded, FillMasker, RequestError, decode_request
+from serving.masker import DEFAULT_TOP_K, Encoded, FillMasker, RequestError, decode_request
 
-log = logging.getLogger("pretrain.serve")
+log = logging.getLogger("serving.server")
 
 MAX_BODY_BYTES = 1 << 20
 """Largest request body accepted (413 beyond)."""

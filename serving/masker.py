@@ -1,9 +1,9 @@
-"""Fill-mask inference: `python -m pretrain.fill_mask model=<dir> request=<file or -> [top_k=5]`.
+"""Fill-mask, the model side: the request schema, checks, batched forward and HF-pipeline scores.
 
-`model` is an HF directory written by `pretrain.export` (or any HF RoBERTa MLM directory with our
+`model` is an HF directory written by `serving.export` (or any HF RoBERTa MLM directory with our
 tokenizer files) or a training checkpoint (a `step_*` directory, the `latest` pointer, a `checkpoints/`
 directory or a run directory). With `serve=true` the same schema is served over HTTP (see
-`pretrain.serve`: `POST /score`, `GET /health`, concurrent requests batched into one forward).
+`serving.server`: `POST /score`, `GET /health`, concurrent requests batched into one forward).
 
 Request (the model card's real-time endpoint schema), from a file or stdin (`request=-`):
 
@@ -29,21 +29,16 @@ the server answers 400 with `{"error": "<why>"}` and goes on serving.
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 from tokenizers import Tokenizer
 
-from data_prep.cli import parse_args, run, setting
-from data_prep.tokenizer import MASK, TokenizerError, special_ids
-from pretrain.config import ConfigError
-from pretrain.hf import HFCheckpointError
-from pretrain.model import RobertaForMaskedLM
-from pretrain.trained import CheckpointError, load_model_and_tokenizer
+from core.checkpoint import load_model_and_tokenizer
+from core.model import RobertaForMaskedLM
+from core.tokenizer import MASK, TokenizerError, special_ids
 
 DEFAULT_TOP_K = 5
 """Candidates per string when the request names no `top_k` (HF's pipeline default)."""
@@ -190,78 +185,8 @@ class FillMasker:
 
 def load_fill_masker(model: str | Path, tokenizer: str | Path | None = None, device: str = "cpu",
                      max_batch: int = 64) -> FillMasker:
-    """A `FillMasker` of an HF directory or a checkpoint (see `pretrain.trained`)."""
+    """A `FillMasker` of an HF directory or a checkpoint (see `core.checkpoint.load_model_and_tokenizer`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     net, tok = load_model_and_tokenizer(model, tokenizer)
     return FillMasker(net, tok, device, max_batch)
-
-
-# --------------------------------------------------------------------------------------------------
-# CLI
-
-
-@dataclass
-class FillMaskArgs:
-    model: str = setting(help="HF directory (python -m pretrain.export) or checkpoint: a step_* dir, a run "
-                              "dir, its checkpoints/ dir or its latest file")
-    request: Optional[str] = setting(None, "request JSON file, or - for stdin (not with serve=true)")
-    top_k: int = setting(DEFAULT_TOP_K, "candidates per string when the request has no parameters.top_k")
-    tokenizer: Optional[str] = setting(None, "tokenizer directory; null = the HF dir's own, or the run's "
-                                             "data.tokenizer")
-    device: str = setting("cpu", "cpu, cuda or auto")
-    serve: bool = setting(False, "serve the same schema over HTTP (POST /score, GET /health) instead")
-    host: str = setting("127.0.0.1", "server address")
-    port: int = setting(8000, "server port; 0 picks a free one (printed)")
-    max_batch: int = setting(64, "most strings in one forward (the server batches concurrent requests up to "
-                                 "it)")
-
-    def __post_init__(self) -> None:
-        if self.serve == (self.request is not None):
-            raise ValueError("give request=<file or -> to answer one request, or serve=true to serve; "
-                             "not both")
-        if self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"device={self.device!r} is not one of cpu, cuda, auto")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port={self.port} is not in [0, 65535]")
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
-
-
-def read_request_text(source: str) -> str:
-    """The request file's text, or stdin's for `-`."""
-    if source == "-":
-        return sys.stdin.read()
-    path = Path(source)
-    if not path.is_file():
-        raise RequestError(f"request={source}: no such file")
-    return path.read_text(encoding="utf-8")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(FillMaskArgs, argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    masker = load_fill_masker(args.model, args.tokenizer, args.device, args.max_batch)
-    masker.check_top_k(args.top_k)
-    if args.serve:
-        from pretrain.serve import serve
-
-        serve(masker, args.host, args.port, default_top_k=args.top_k, model_name=args.model)
-        return 0
-    assert args.request is not None
-    request = decode_request(read_request_text(args.request), args.top_k)
-    json.dump(masker(request), sys.stdout, ensure_ascii=False)
-    sys.stdout.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    # Run the imported module's main, not this `__main__` copy's: pretrain.serve imports pretrain.fill_mask,
-    # and a second copy of the module would make a second RequestError class that the server does not catch.
-    from pretrain import fill_mask
-
-    run(fill_mask.main, errors=(fill_mask.RequestError, CheckpointError, HFCheckpointError, TokenizerError,
-                                ConfigError))

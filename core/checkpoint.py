@@ -1,0 +1,350 @@
+"""The checkpoint layout, in one place: file names, atomic save, keep-last-K, finding the checkpoint to
+resume from, and reading one back (for evaluation, export, fill-mask, fine-tuning) with any ZeRO stage
+consolidated.
+
+Layout under a run's `checkpoints/` directory:
+
+    step_00001000/            one complete checkpoint
+        checkpoint.json       {"step", "files": {relative path: {"bytes", "sha256"}}} written last
+        config.yaml           the resolved run config (RUN_CONFIG)
+        trainer_state.json    step, counters, wandb run id (TRAINER_STATE)
+        rank_00000.pt ...     each rank's loader position and RNG states (RANK_STATE)
+        model.pt, optimizer.pt, scheduler.pt      the torch backend (TORCH_MODEL, ...)
+        deepspeed/            DeepSpeed's own files, any ZeRO stage (DEEPSPEED_DIR)
+    latest                    the name of the newest complete checkpoint (a hint for people and tools)
+    .tmp-step_00002000/       a checkpoint being written (or left by a crash): never resumed from
+
+`save` is called by every rank: each writes its files into the temporary directory, a barrier, then
+rank 0 lists the files with sizes and sha256 into `checkpoint.json`, renames the directory into place,
+rewrites `latest` atomically and deletes the oldest complete checkpoints beyond `keep_last`; a second
+barrier lets no rank run ahead of the rename. A checkpoint is complete when its `checkpoint.json`
+parses and every listed file is there with its size (and sha256, when verified); `find_resumable`
+walks the checkpoints newest first and passes over incomplete ones, saying why.
+
+Also here: the RNG states of a process (python, numpy, torch, cuda), saved per rank.
+
+Reading (every reader goes through these):
+
+    ckpt = resolve_checkpoint("outputs/debug")     # a run dir, its checkpoints/, `latest` or a step_* dir
+    cfg = read_run_config(ckpt)                    # config.yaml as an omegaconf DictConfig
+    model = load_checkpoint_model(ckpt, model_config(cfg))   # fp32, eval mode, on the CPU
+    model, tokenizer = load_model_and_tokenizer(path)        # an HF export dir or a checkpoint
+
+The typed run config (with overrides) is pretrain.config.load_run_config: the schema is the trainer's.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer
+
+from core.hashing import file_sha256
+from core.hf import CONFIG_NAME, load_hf
+from core.model import RobertaConfig, RobertaForMaskedLM
+from core.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_JSON = "checkpoint.json"
+LATEST = "latest"
+RUN_CONFIG = "config.yaml"
+TRAINER_STATE = "trainer_state.json"
+RANK_STATE = "rank_{:05d}.pt"
+TORCH_MODEL, TORCH_OPTIMIZER, TORCH_SCHEDULER = "model.pt", "optimizer.pt", "scheduler.pt"
+DEEPSPEED_DIR = "deepspeed"
+"""The DeepSpeed tag: its files go to `<step dir>/deepspeed/`."""
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _list_files(directory: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
+        if rel != CHECKPOINT_JSON:
+            files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return files
+
+
+def save(root: str | os.PathLike, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
+    """Write checkpoint `step` under `root` atomically; every rank calls this with its own `write(dir)`.
+
+    Returns the final directory (on every rank).
+    """
+    root = Path(root)
+    name = step_dir_name(step)
+    tmp = root / f".tmp-{name}"
+    final = root / name
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crashed save of the same step
+        tmp.mkdir(parents=True)
+    _barrier()
+    write(tmp)
+    _barrier()
+    if _rank() == 0:
+        record = {"step": step, "files": _list_files(tmp)}
+        _write_text_atomic(tmp / CHECKPOINT_JSON, json.dumps(record, indent=1, sort_keys=True) + "\n")
+        if final.exists():  # the same step saved again (e.g. a resumed run that ends where it began)
+            old = root / f".old-{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _write_text_atomic(root / LATEST, name + "\n")
+        prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, dir) of the `step_*` directories under `root`, newest first (complete or not)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last`, and leftover temporary directories."""
+    for _, path in complete_checkpoints(root)[keep_last:]:
+        shutil.rmtree(path, ignore_errors=True)
+    for p in root.glob(".tmp-step_*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def problem(path: str | os.PathLike, check_hashes: bool = True) -> str | None:
+    """Why checkpoint `path` cannot be resumed from, or None when it is complete."""
+    path = Path(path)
+    record_path = path / CHECKPOINT_JSON
+    if not record_path.is_file():
+        return f"no {CHECKPOINT_JSON} (the save did not finish)"
+    try:
+        record = json.loads(record_path.read_text())
+        files = record["files"]
+        int(record["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        return f"{CHECKPOINT_JSON} is unreadable ({type(e).__name__}: {e})"
+    for rel, meta in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"file {rel} is missing"
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            return f"file {rel} has {size} bytes, {CHECKPOINT_JSON} says {meta['bytes']} (truncated?)"
+        if check_hashes and file_sha256(f) != meta["sha256"]:
+            return f"file {rel}: sha256 differs from {CHECKPOINT_JSON} (corrupt)"
+    return None
+
+
+def step_of(path: str | os.PathLike) -> int:
+    """The step recorded in a checkpoint's checkpoint.json."""
+    return int(json.loads((Path(path) / CHECKPOINT_JSON).read_text())["step"])
+
+
+def find_resumable(root: str | os.PathLike, check_hashes: bool = True) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under `root` (or None), and a line for each one passed over."""
+    passed_over = []
+    for _, path in complete_checkpoints(root):
+        why = problem(path, check_hashes)
+        if why is None:
+            return path, passed_over
+        passed_over.append(f"{path}: {why}")
+    return None, passed_over
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG states
+
+
+def rng_state() -> dict[str, Any]:
+    """The random states this process draws from: python, numpy, torch CPU and every CUDA device."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading what training left
+
+
+class CheckpointError(ValueError):
+    """A path that is not a usable checkpoint (or whose tokenizer does not fit); the message says why."""
+
+
+def resolve_checkpoint(path: str | os.PathLike, check_hashes: bool = False) -> Path:
+    """The complete `step_*` directory that `path` names: the directory itself, the `latest` pointer
+    file, a `checkpoints/` directory (its `latest`), or a run directory (its `checkpoints/latest`)."""
+    path = Path(path)
+    if path.is_file() and path.name == LATEST:
+        path = path.parent / path.read_text().strip()
+    elif path.is_dir() and (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    elif path.is_dir() and (path / "checkpoints" / LATEST).is_file():
+        root = path / "checkpoints"
+        path = root / (root / LATEST).read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    why = problem(path, check_hashes=check_hashes)
+    if why is not None:
+        raise CheckpointError(f"{path}: not a complete checkpoint: {why}")
+    if not (path / RUN_CONFIG).is_file():
+        raise CheckpointError(f"{path}: no {RUN_CONFIG} (the run config the trainer saves beside the "
+                              f"weights)")
+    return path
+
+
+def read_run_config(ckpt: Path) -> DictConfig:
+    """The run config saved in checkpoint `ckpt`, untyped (pretrain.config.load_run_config types it)."""
+    try:
+        cfg = OmegaConf.load(ckpt / RUN_CONFIG)
+    except Exception as e:  # a YAML error
+        raise CheckpointError(f"{ckpt / RUN_CONFIG}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, DictConfig) or "model" not in cfg:
+        raise CheckpointError(f"{ckpt / RUN_CONFIG}: not a run config (no `model` section)")
+    return cfg
+
+
+def model_config(cfg: DictConfig) -> RobertaConfig:
+    """The model's sizes from a run config (checked by RobertaConfig)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RobertaConfig), cfg.model)
+        obj = OmegaConf.to_object(merged)
+    except Exception as e:  # omegaconf's ValidationError, RobertaConfig's __post_init__
+        raise CheckpointError(f"model: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    assert isinstance(obj, RobertaConfig)
+    return obj
+
+
+def load_model_state(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model's weights (fp32, on the CPU) from a checkpoint of either backend, any ZeRO stage.
+
+    torch backend: `model.pt`. DeepSpeed: the fp32 master weights gathered from the ZeRO partitions
+    (stages 1-3), or the module's weights saved by rank 0 (stage 0).
+    """
+    directory = Path(checkpoint_dir)
+    if (directory / TORCH_MODEL).is_file():
+        return torch.load(directory / TORCH_MODEL, map_location="cpu")
+    ds_dir = directory / DEEPSPEED_DIR
+    if not ds_dir.is_dir():
+        raise CheckpointError(f"{directory}: neither {TORCH_MODEL} nor {DEEPSPEED_DIR}/: not a checkpoint")
+    if any(ds_dir.glob("*optim_states.pt")) and any(ds_dir.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DEEPSPEED_DIR)
+        return {k: v.float() for k, v in state.items()}
+    module = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}
+
+
+def load_checkpoint_model(ckpt: Path, config: RobertaConfig) -> RobertaForMaskedLM:
+    """The model of checkpoint `ckpt` (any backend, any ZeRO stage), fp32 on the CPU, in eval mode."""
+    try:
+        # DeepSpeed's consolidation (and its logger, created on first import) print to stdout: keep
+        # stdout for the commands' JSON answers.
+        with contextlib.redirect_stdout(sys.stderr):
+            state = load_model_state(ckpt)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
+    model = RobertaForMaskedLM(config)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def checkpoint_tokenizer_dir(cfg: DictConfig, tokenizer: str | os.PathLike | None = None) -> Path:
+    """The tokenizer directory of a run: `tokenizer` when given, else the run's `data.tokenizer` (a
+    relative path is taken from the current directory, as the trainer took it).
+
+    Checks that it loads, has `model.vocab_size` ids and, when the run's corpus manifest can be read,
+    the `tokenizer_hash` the corpus was built with."""
+    data = cfg.get("data") or {}
+    chosen = tokenizer if tokenizer is not None else data.get("tokenizer")
+    if chosen is None:
+        raise CheckpointError("the run recorded no data.tokenizer: give the tokenizer directory "
+                              "(tokenizer=<dir>)")
+    directory = Path(chosen)
+    tok = load_tokenizer(directory)
+    vocab_size = cfg.model.vocab_size
+    if tok.get_vocab_size() != vocab_size:
+        raise CheckpointError(f"{directory}: {tok.get_vocab_size()} ids, but the model has "
+                              f"model.vocab_size={vocab_size}: not the run's tokenizer")
+    manifest = Path(str(data.get("corpus"))) / "manifest.json"
+    try:
+        corpus_hash = json.loads(manifest.read_text())["tokenizer_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return directory  # the corpus is not here (e.g. another machine): the vocabulary check stands
+    if corpus_hash != tokenizer_hash(directory):
+        raise CheckpointError(f"{directory}: tokenizer_hash differs from the one the run's corpus was built "
+                              f"with ({manifest}): not the run's tokenizer")
+    return directory
+
+
+def is_hf_dir(path: str | os.PathLike) -> bool:
+    """Whether `path` is an HF model directory (a `config.json`), as `serving.export` writes."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+                             ) -> tuple[RobertaForMaskedLM, Tokenizer]:
+    """Model (fp32, eval mode, CPU) and tokenizer from an HF directory (its own tokenizer files unless
+    `tokenizer` is given) or from a checkpoint (anything `resolve_checkpoint` accepts)."""
+    if is_hf_dir(path):
+        model = load_hf(path).eval()
+        tok = load_tokenizer(tokenizer if tokenizer is not None else path)
+        if tok.get_vocab_size() != model.config.vocab_size:
+            raise TokenizerError(f"{tokenizer or path}: {tok.get_vocab_size()} ids, but the model in {path} "
+                                 f"has vocab_size={model.config.vocab_size}")
+        return model, tok
+    ckpt = resolve_checkpoint(path)
+    cfg = read_run_config(ckpt)
+    return load_checkpoint_model(ckpt, model_config(cfg)), load_tokenizer(checkpoint_tokenizer_dir(cfg, tokenizer))

@@ -1,0 +1,1 @@
+"""Stage 3, checkpoint -> answers: HF-format export, fill-mask inference (CLI) and its HTTP server."""

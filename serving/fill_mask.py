@@ -1,0 +1,83 @@
+"""Fill-mask inference: `python -m serving.fill_mask model=<dir> request=<file or -> [top_k=5]`.
+
+The schema and the model side live in `serving.masker` (read its docstring); this is the command line.
+With `serve=true` the same schema is served over HTTP (`serving.server`: `POST /score`, `GET /health`,
+concurrent requests batched into one forward).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from core.checkpoint import CheckpointError
+from core.cli import parse_args, run, setting
+from core.hf import HFCheckpointError
+from core.tokenizer import TokenizerError
+from serving.masker import DEFAULT_TOP_K, RequestError, decode_request, load_fill_masker
+from serving.server import serve
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class FillMaskArgs:
+    model: str = setting(help="HF directory (python -m serving.export) or checkpoint: a step_* dir, a run "
+                              "dir, its checkpoints/ dir or its latest file")
+    request: Optional[str] = setting(None, "request JSON file, or - for stdin (not with serve=true)")
+    top_k: int = setting(DEFAULT_TOP_K, "candidates per string when the request has no parameters.top_k")
+    tokenizer: Optional[str] = setting(None, "tokenizer directory; null = the HF dir's own, or the run's "
+                                             "data.tokenizer")
+    device: str = setting("cpu", "cpu, cuda or auto")
+    serve: bool = setting(False, "serve the same schema over HTTP (POST /score, GET /health) instead")
+    host: str = setting("127.0.0.1", "server address")
+    port: int = setting(8000, "server port; 0 picks a free one (printed)")
+    max_batch: int = setting(64, "most strings in one forward (the server batches concurrent requests up to "
+                                 "it)")
+
+    def __post_init__(self) -> None:
+        if self.serve == (self.request is not None):
+            raise ValueError("give request=<file or -> to answer one request, or serve=true to serve; "
+                             "not both")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"device={self.device!r} is not one of cpu, cuda, auto")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port={self.port} is not in [0, 65535]")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+
+
+def read_request_text(source: str) -> str:
+    """The request file's text, or stdin's for `-`."""
+    if source == "-":
+        return sys.stdin.read()
+    path = Path(source)
+    if not path.is_file():
+        raise RequestError(f"request={source}: no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(FillMaskArgs, argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    masker = load_fill_masker(args.model, args.tokenizer, args.device, args.max_batch)
+    masker.check_top_k(args.top_k)
+    if args.serve:
+        serve(masker, args.host, args.port, default_top_k=args.top_k, model_name=args.model)
+        return 0
+    assert args.request is not None
+    request = decode_request(read_request_text(args.request), args.top_k)
+    json.dump(masker(request), sys.stdout, ensure_ascii=False)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, errors=(RequestError, CheckpointError, HFCheckpointError, TokenizerError))
