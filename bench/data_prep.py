@@ -1,6 +1,6 @@
 """Benchmark of the corpus builder against the tokenizer's own limit (a benchmark, not a test).
 
-    python -m bench.data_prep [runs=3] [small=2] [large=8] [tokenizer=<dir>] [out=<file.json>]
+    python -m bench.data_prep [runs=3] [small=2] [large=8] [workers=[1,2]] [tokenizer=<dir>] [out=<file.json>]
 
 On the same text (the Jargon File's documents repeated `small` and `large` times, as plain .txt):
   raw       `encode_batch_fast` over the large input's documents already in memory, in the builder's
@@ -26,11 +26,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List
 
-from core.cli import parse_args, run, setting
+from core.cli import command
 from core.tokenizer import document_encoder, load_tokenizer
 from data_prep.build_corpus import BUILD_DIR, BuildCorpusArgs
 from data_prep.io import read_documents
@@ -43,14 +43,24 @@ GPT2 = REPO / "tests" / "assets" / "gpt2"
 
 @dataclass
 class BenchArgs:
-    runs: int = setting(3, "runs per figure (the median is reported)")
-    small: int = setting(2, "copies of the Jargon File in the small input")
-    large: int = setting(8, "copies of the Jargon File in the large input")
-    tokenizer: str = setting("", "tokenizer dir (default: GPT-2 vocab imported)")
-    shard_tokens: int = setting(1_000_000, "build setting: both inputs span whole shards")
-    paragraphs: int = setting(1, "paragraphs per document (1: the Jargon File's own, ~140 bytes)")
-    workers: str = setting("1,2", "worker counts to time, comma-separated")
-    out: str = setting("", "also write the figures to this JSON file")
+    """The settings of `python -m bench.data_prep` (conf/commands/bench_data_prep.yaml)."""
+
+    runs: int = 3
+    """Runs per figure (the median is reported)."""
+    small: int = 2
+    """Copies of the Jargon File in the small input."""
+    large: int = 8
+    """Copies of the Jargon File in the large input."""
+    tokenizer: str = ""
+    """Tokenizer dir (default: GPT-2's vocabulary imported)."""
+    shard_tokens: int = 1_000_000
+    """Build setting: both inputs span whole shards."""
+    paragraphs: int = 1
+    """Paragraphs per document (1: the Jargon File's own, ~140 bytes)."""
+    workers: List[int] = field(default_factory=lambda: [1, 2])
+    """Worker counts to time."""
+    out: str = ""
+    """Also write the figures to this JSON file."""
 
 
 def make_input(directory: Path, copies: int, paragraphs: int = 1) -> tuple[Path, list[str]]:
@@ -114,7 +124,7 @@ def time_build(
 
 def bench(args: BenchArgs) -> dict:
     """Interleaved runs (raw, then each build), so that a busy machine slows all figures alike."""
-    workers = [int(w) for w in args.workers.split(",")]
+    workers = list(args.workers)
     batch_bytes = BuildCorpusArgs.__dataclass_fields__["batch_bytes"].default
     with tempfile.TemporaryDirectory(prefix="bench_data_prep_") as tmp:
         root = Path(tmp)
@@ -147,8 +157,8 @@ def bench(args: BenchArgs) -> dict:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(BenchArgs, argv)
+@command("bench_data_prep", BenchArgs, refused=(RuntimeError, OSError))
+def main(args: BenchArgs) -> int:
     result = bench(args)
     for key, value in result.items():
         print(f"{key:32s} {value}")
@@ -158,4 +168,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main, (RuntimeError, OSError))
+    main()

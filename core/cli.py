@@ -1,119 +1,182 @@
-"""The one `key=value` argument parser of the data_prep command lines (Hydra-style overrides).
-
-Each CLI describes its settings as a dataclass, each field with its help text (`setting`):
+"""The one command-line convention of every command: a Hydra app over `conf/commands/<command>.yaml`.
 
     @dataclass
-    class Args:
-        output_dir: str = setting(help="where to write")   # no default: required
-        vocab_size: int = setting(50265, "ids in all")
+    class ExportArgs:              # the typed schema: every setting, its type, its default and its doc
+        checkpoint: str = MISSING
+        dtype: str = "fp32"
+        def __post_init__(self): ...   # validation naming the key (ValueError)
 
-    def main(argv=None): args = parse_args(Args, argv); ...
+    main = command("export", ExportArgs, refused=(CheckpointError, ...))(lambda args: export(...))
 
-`parse_args` reads `key=value` words, converts each value to the field's type (str, int, float,
-bool, each optionally `| None` written as `null`), and exits with code 2 and a message naming the key
-on an unknown key, a bad value, a missing required key or a word without `=`. `help` or `--help`
-prints the fields. `run(main)` maps our input errors to a one-line message and exit code 1.
+`conf/commands/<command>.yaml` selects the schema (`defaults: [<command>_schema, _self_]`); the schema is the one
+source of every default. So every command takes Hydra's `key=value` overrides, lists (`input=[a,b]`),
+`--cfg job`, `--help`, `-m` sweeps and `hydra/launcher=slurm_*` alike.
+
+Exit codes, the same for every command:
+  0   done
+  2   refused at start-up: an unknown key, a wrong type or value (named), or input the command refuses
+      (a missing file, a corrupt shard or checkpoint, a bad request): one line `error: <why>` on stderr
+  1   a bug: Hydra prints the traceback
+Commands may add their own (training: 3 too many non-finite steps, 75 stopped by a signal, resume me).
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import sys
-import types
-import typing
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "commands")
+"""The primary configs of the commands other than training (conf/pretrain.yaml and its groups). They
+live apart from training's groups because Hydra takes a key named like a group (`model=`, `data=`) for
+a group choice."""
+EXIT_BAD_INPUT = 2
+"""Exit code of a command refused at start-up (bad configuration or input), for every command."""
 
 T = TypeVar("T")
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off"}
+
+class Refused(Exception):
+    """Raised by a command for input it refuses (exit 2); a command may list its own error types too."""
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "") -> Any:
-    """A dataclass field with its help text (shown by `help`); no default means required."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def schema_name(config_name: str) -> str:
+    return f"{config_name}_schema"
 
 
-class UsageError(Exception):
-    """A command line that does not fit the settings dataclass (exit code 2)."""
+def register(config_name: str, schema: type) -> None:
+    """Store `schema` as `<config_name>_schema`, the node the command's YAML names in its defaults, and
+    its `--help` page as `hydra/help: <config_name>`."""
+    store = ConfigStore.instance()
+    store.store(name=schema_name(config_name), node=schema)
+    store.store(group="hydra/help", name=config_name, node=_help_page(config_name, schema))
 
 
-def _convert(key: str, raw: str, tp: Any) -> Any:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
-        if raw.lower() in ("null", "none"):
-            return None
-        (tp,) = [a for a in args if a is not type(None)]
-    try:
-        if tp is bool:
-            low = raw.lower()
-            if low in _TRUE:
-                return True
-            if low in _FALSE:
-                return False
-            raise ValueError
-        if tp in (int, float, str):
-            return tp(raw.replace("_", "") if tp is int else raw)
-    except ValueError:
-        raise UsageError(f"{key}={raw!r}: not a valid {tp.__name__}") from None
-    raise TypeError(f"field {key}: unsupported type {tp!r}")
+def field_docs(schema: type) -> dict[str, str]:
+    """{field: the docstring written under it} (the dataclass's source is the one place of the docs)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(schema)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
 
 
-def usage(cls: type) -> str:
-    hints = typing.get_type_hints(cls)
-    lines = []
-    for f in dataclasses.fields(cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = "(required)" if required else f"= {f.default!r}"
-        tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        lines.append(f"  {f.name}: {tp} {default}\n      {f.metadata.get('help', '')}")
-    return "settings (key=value):\n" + "\n".join(lines)
+def _help_page(config_name: str, schema: type) -> dict[str, str]:
+    module = sys.modules[schema.__module__]
+    summary = (module.__doc__ or "").strip().split("\n\n")[0]
+    docs = field_docs(schema)
+    lines = [f"  {f.name}: {docs.get(f.name, '')}" for f in dataclasses.fields(schema)]
+    text = (f"{summary}\n\nSettings (key=value; lists as key=[a,b]):\n" + "\n".join(lines)
+            + "\n\nThe composed config (--cfg job prints it):\n\n$CONFIG\n"
+            + "Exit codes: 0 done, 2 refused at start-up (the message names the key or input), 1 a bug.\n"
+            + "Hydra's own flags: --hydra-help. Sweeps: -m key=a,b.\n")
+    escaped = text.replace("${", "\\${")
+    return {"app_name": config_name, "header": "", "footer": "", "template": escaped}
 
 
-def parse_args(cls: type[T], argv: Sequence[str] | None = None) -> T:
-    """Build `cls` from `key=value` words (default: sys.argv[1:]); exit 2 on a usage error."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("help", "--help", "-h") for a in argv):
-        print(usage(cls))
-        raise SystemExit(0)
-    try:
-        return _parse(cls, argv)
-    except UsageError as e:
-        print(f"error: {e}\n{usage(cls)}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _parse(cls: type[T], argv: list[str]) -> T:
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for word in argv:
-        key, sep, raw = word.partition("=")
-        key = key.lstrip("+")
-        if not sep:
-            raise UsageError(f"{word!r}: arguments are key=value")
-        if key not in known:
-            raise UsageError(f"unknown key {key!r} (known: {', '.join(known)})")
-        if key in values:
-            raise UsageError(f"key {key!r} given twice")
-        values[key] = _convert(key, raw, hints[key])
-    missing = [
-        k for k, f in known.items()
-        if k not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+def to_args(cfg: DictConfig, schema: type[T]) -> T:
+    """The composed config as the schema's dataclass (its `__post_init__` validates): ValueError naming
+    the key on a bad value."""
+    known = {f.name for f in dataclasses.fields(schema)}
+    unknown = sorted(set(cfg.keys()) - known)  # `+key=...` adds keys even to a typed config
+    if unknown:
+        raise ValueError(f"unknown key {', '.join(map(repr, unknown))} (the settings are: {', '.join(sorted(known))})")
+    missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise UsageError(f"missing required key(s): {', '.join(missing)}")
+        raise ValueError(f"{', '.join(missing)}: required; give {' '.join(k + '=...' for k in missing)}")
     try:
-        return cls(**values)
-    except ValueError as e:  # __post_init__ validation names the key
-        raise UsageError(str(e)) from None
+        obj = OmegaConf.to_object(cfg)
+    except ValueError:
+        raise
+    except Exception as e:  # omegaconf's MissingMandatoryValue, ValidationError: name the key
+        raise ValueError(f"{str(e).splitlines()[0]}") from None
+    assert isinstance(obj, schema), type(obj)
+    return obj
 
 
-def run(main: Callable[[], int | None], errors: tuple[type[BaseException], ...]) -> None:
-    """Run a CLI's main; an error of the given kinds prints `error: <message>` and exits 1."""
-    try:
-        code = main()
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    raise SystemExit(code or 0)
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def hydra_app(config_dir: str, config_name: str, task: Callable[[DictConfig], None]) -> Callable[[], None]:
+    """`hydra.main` over `config_dir/<config_name>.yaml`, except that a config Hydra cannot compose (an
+    unknown key, a wrong type: Hydra prints why and exits 1) exits 2, as every refusal at start-up."""
+    started = False
+
+    def run_task(cfg: DictConfig) -> None:
+        nonlocal started
+        started = True
+        task(cfg)
+
+    app = hydra.main(config_path=config_dir, config_name=config_name, version_base="1.3")(run_task)
+
+    def main() -> None:
+        try:
+            app()
+        except SystemExit as e:
+            if e.code == 1 and not started:
+                sys.exit(EXIT_BAD_INPUT)
+            raise
+
+    return main
+
+
+def command(config_name: str, schema: type[T], refused: tuple[type[BaseException], ...] = ()
+            ) -> Callable[[Callable[[T], int | None]], Callable[[], None]]:
+    """Make `fn(args) -> exit code` the Hydra app of `conf/commands/<config_name>.yaml` with `schema` as
+    its typed config. The returned `main()` reads sys.argv (Hydra's syntax) and exits with the convention
+    above: a config Hydra cannot compose, a ValueError of the schema, or an error of a `refused` type
+    (or `Refused`) exits 2 with one line on stderr."""
+    errors = (ValueError, Refused, *refused)
+
+    def decorate(fn: Callable[[T], int | None]) -> Callable[[], None]:
+        def task(cfg: DictConfig) -> None:
+            try:
+                code = fn(to_args(cfg, schema))
+            except errors as e:
+                fail(str(e))
+            if code:
+                sys.exit(code)
+
+        app = hydra_app(CONF_DIR, config_name, task)
+
+        @functools.wraps(fn)
+        def main() -> None:
+            register(config_name, schema)
+            app()
+
+        return main
+
+    return decorate
+
+
+def compose_args(config_name: str, schema: type[T], overrides: list[str] | None = None) -> T:
+    """The same config as `python -m <command> <overrides>` gives, in-process (tests, notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    register(config_name, schema)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides or []))
+    return to_args(cfg, schema)
+
+
+def as_list(key: str, value: Any) -> list[str]:
+    """A setting that takes one string or a list of them (`input=a.txt`, `input=[a.txt,'b/*.gz']`)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{key}={value!r}: expected a string or a list of strings")

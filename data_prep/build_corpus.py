@@ -51,15 +51,16 @@ import multiprocessing
 import os
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Optional
 
 import numpy as np
+from omegaconf import MISSING
 from tokenizers import Tokenizer
 
-from core.cli import parse_args, run, setting
+from core.cli import as_list, command
 from core.tokenizer import TokenizerError, document_encoder, load_tokenizer, special_ids, tokenizer_hash
 from data_prep.corpus import MANIFEST, VERIFIED, check_shard_hashes, write_manifest
 from data_prep.io import InputError, Progress, ReadStats, expand_inputs, read_document_lists
@@ -72,20 +73,36 @@ SETTINGS = "settings.json"
 
 @dataclass
 class BuildCorpusArgs:
-    output_dir: str = setting(help="corpus directory (shards, manifest.json, .build/)")
-    input: str = setting("", "text files or globs, comma-separated (.txt/.jsonl[.gz])")
-    tokenizer: str = setting("", "tokenizer directory (data_prep.build_tokenizer)")
-    valid_fraction: float = setting(0.001, "share of documents in the valid split")
-    shard_tokens: int = setting(100_000_000, "start a new shard part after this many tokens")
-    workers: int = setting(1, "1 (best on few cores): tokenizers' own threads; N>1: N processes")
-    batch_bytes: int = setting(1 << 20, "text per tokenizer batch (no effect on output)")
-    num_tasks: int = setting(1, "independent tasks sharing the input files")
-    task_index: int = setting(0, "this task, 0..num_tasks-1")
-    overwrite: bool = setting(False, "replace a different corpus found in output_dir")
-    merge: bool = setting(False, "only write manifest.json from the tasks' records")
-    progress: bool = setting(True, "show a progress bar")
+    """The settings of `python -m data_prep.build_corpus` (conf/commands/build_corpus.yaml)."""
+
+    output_dir: str = MISSING
+    """Corpus directory (shards, manifest.json, .build/)."""
+    input: Any = None
+    """Text: a file or glob, or a list of them (`input=[a.txt,'b/*.jsonl.gz']`); .txt/.jsonl[.gz]."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory (python -m data_prep.build_tokenizer)."""
+    valid_fraction: float = 0.001
+    """Share of documents in the valid split (chosen by a hash of each document's text)."""
+    shard_tokens: int = 100_000_000
+    """Start a new shard part after this many tokens."""
+    workers: int = 1
+    """1 (best on few cores): tokenizers' own threads; N>1: N processes."""
+    batch_bytes: int = 1 << 20
+    """Text per tokenizer batch (no effect on the output)."""
+    num_tasks: int = 1
+    """Independent tasks sharing the input files (a SLURM array)."""
+    task_index: int = 0
+    """This task, 0..num_tasks-1."""
+    overwrite: bool = False
+    """Replace a different corpus found in output_dir."""
+    merge: bool = False
+    """Only write manifest.json from the tasks' records."""
+    progress: bool = True
+    """Show a progress bar."""
 
     def __post_init__(self) -> None:
+        if self.input is not None:
+            self.input = as_list("input", self.input)
         if not self.merge and not (self.input and self.tokenizer):
             raise ValueError("input= and tokenizer= are required (or merge=true)")
         if not 0.0 <= self.valid_fraction < 1.0:
@@ -504,12 +521,12 @@ def build_corpus(args: BuildCorpusArgs) -> dict:
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(BuildCorpusArgs, argv)
+@command("build_corpus", BuildCorpusArgs, refused=(InputError, TokenizerError, CorpusError, OSError))
+def main(args: BuildCorpusArgs) -> int:
     summary = build_corpus(args)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
 
 
 if __name__ == "__main__":
-    run(main, (InputError, TokenizerError, CorpusError, OSError))
+    main()

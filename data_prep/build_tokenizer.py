@@ -9,10 +9,12 @@ max_bytes of documents, a deterministic sample. Ids and file layout: see data_pr
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Optional
 
-from core.cli import parse_args, run, setting
+from omegaconf import MISSING
+
+from core.cli import as_list, command
 from core.tokenizer import TokenizerError, tokenizer_hash
 from data_prep.io import InputError, Progress, ReadStats, expand_inputs, iter_documents
 from data_prep.tokenizer import import_gpt2, save_tokenizer, train_tokenizer
@@ -20,16 +22,28 @@ from data_prep.tokenizer import import_gpt2, save_tokenizer, train_tokenizer
 
 @dataclass
 class BuildTokenizerArgs:
-    output_dir: str = setting(help="directory to write tokenizer.json, vocab.json, merges.txt, HF files")
-    input: str = setting("", "training text: files or globs, comma-separated (.txt/.jsonl[.gz])")
-    vocab_size: int = setting(50265, "ids in all, <mask> = vocab_size-1")
-    min_frequency: int = setting(2, "a pair is merged only if seen this often")
-    max_bytes: int = setting(0, "train on the first max_bytes of documents (0: all)")
-    vocab: str = setting("", "import: a GPT-2/RoBERTa vocab.json (with merges=)")
-    merges: str = setting("", "import: the matching merges.txt / vocab.bpe")
-    progress: bool = setting(True, "show a progress bar while reading")
+    """The settings of `python -m data_prep.build_tokenizer` (conf/commands/build_tokenizer.yaml)."""
+
+    output_dir: str = MISSING
+    """Directory to write tokenizer.json, vocab.json, merges.txt and the HF files into."""
+    input: Any = None
+    """Training text: a file or glob, or a list of them (`input=[a.txt,'b/*.jsonl.gz']`); .txt/.jsonl[.gz]."""
+    vocab_size: int = 50265
+    """Ids in all; `<mask>` = vocab_size-1."""
+    min_frequency: int = 2
+    """A pair is merged only if seen this often."""
+    max_bytes: int = 0
+    """Train on the first max_bytes of documents (0: all)."""
+    vocab: Optional[str] = None
+    """Import instead of training: a GPT-2/RoBERTa vocab.json (with merges=)."""
+    merges: Optional[str] = None
+    """Import: the matching merges.txt / vocab.bpe."""
+    progress: bool = True
+    """Show a progress bar while reading."""
 
     def __post_init__(self) -> None:
+        if self.input is not None:
+            self.input = as_list("input", self.input)
         importing = bool(self.vocab or self.merges)
         if importing and not (self.vocab and self.merges):
             raise ValueError("vocab= and merges= go together")
@@ -67,12 +81,12 @@ def build_tokenizer(args: BuildTokenizerArgs) -> dict:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(BuildTokenizerArgs, argv)
+@command("build_tokenizer", BuildTokenizerArgs, refused=(InputError, TokenizerError, OSError))
+def main(args: BuildTokenizerArgs) -> int:
     summary = build_tokenizer(args)
     print(" ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
 
 
 if __name__ == "__main__":
-    run(main, (InputError, TokenizerError, OSError))
+    main()

@@ -52,12 +52,12 @@ class ReadStats:
 
 
 def expand_inputs(spec: str | Iterable[str]) -> list[Path]:
-    """Comma-separated file names or glob patterns -> the sorted, de-duplicated list of files.
+    """File names or glob patterns (a list, or comma-separated) -> the sorted, de-duplicated files.
 
     Raises InputError naming the entry when a plain name does not exist, a pattern matches no file,
     a file has an unknown extension, or the whole list is empty.
     """
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    items = [part.strip() for s in ([spec] if isinstance(spec, str) else spec) for part in s.split(",")]
     items = [s for s in items if s]
     if not items:
         raise InputError("no input given: pass input=<file, glob or comma-separated list>")

@@ -4,17 +4,17 @@
 
 For every shard of every split: the `.idx` header and size, document and token counts, the recorded
 file sizes, the sha256 of both files (never the `.verified.json` cache), and that every token id is
-below the vocab size. Exits 0 with a summary, or 1 with `error: <file>: <problem>`.
+below the vocab size. Exits 0 with a summary, or 2 with `error: <file>: <problem>`.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from omegaconf import MISSING
 
-from core.cli import parse_args, run, setting
+from core.cli import command
 from data_prep.corpus import Corpus, check_shard_hashes, load_manifest
 from data_prep.shards import CorpusError
 
@@ -23,7 +23,10 @@ _CHUNK = 1 << 24  # tokens scanned at a time for the id range check
 
 @dataclass
 class VerifyCorpusArgs:
-    path: str = setting(help="corpus directory (with manifest.json)")
+    """The settings of `python -m data_prep.verify_corpus` (conf/commands/verify_corpus.yaml)."""
+
+    path: str = MISSING
+    """Corpus directory (with manifest.json)."""
 
 
 def verify_corpus(path: str | Path) -> dict:
@@ -59,8 +62,8 @@ def verify_corpus(path: str | Path) -> dict:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(VerifyCorpusArgs, argv)
+@command("verify_corpus", VerifyCorpusArgs, refused=(CorpusError, OSError))
+def main(args: VerifyCorpusArgs) -> int:
     summary = verify_corpus(args.path)
     parts = [f"{s}: {v['documents']} documents, {v['tokens']} tokens, {v['shards']} shards"
              for s, v in summary.items()]
@@ -69,4 +72,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main, (CorpusError, OSError))
+    main()

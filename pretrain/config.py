@@ -186,6 +186,10 @@ def _first_set(value: Any, default: Any) -> Any:
     return default if value in (None, "") else value
 
 
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+"""Where `conf/pretrain.yaml` and its groups live."""
+
+
 def register_schema() -> None:
     """Register `pretrain_schema` (idempotent); `conf/pretrain.yaml` lists it first in its defaults.
 

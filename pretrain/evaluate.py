@@ -1,11 +1,13 @@
-"""Evaluate a checkpoint: `python -m pretrain.evaluate checkpoint=<dir> [data.*=... system.*=...]`.
+"""Evaluate a checkpoint: `python -m pretrain.evaluate checkpoint=<dir> [+data.*=... +system.*=...]`.
 
 MLM loss (nats per masked token), perplexity and accuracy (argmax == target over the masked tokens)
 on the valid split of the run's corpus, with the deterministic masks of `pretrain.data.ValidLoader`
 (seeded by the run's `trainer.seed`): the same batches and the same numbers as the trainer's
-validation of a one-rank run. Settings come from the run config saved in the checkpoint; `data.*` and
-`system.*` overrides change them (`data.corpus=...`, `data.valid_max_batches=0` for the whole split,
-`system.micro_batch_size=64`, `system.device=cuda`, `system.precision=bf16`).
+validation of a one-rank run. Settings come from the run config saved in the checkpoint; `+data.*` and
+`+system.*` overrides change them (`+data.corpus=...`, `+data.valid_max_batches=0` for the whole split,
+`+system.micro_batch_size=64`, `+system.device=cuda`, `+system.precision=bf16`). The `+` is Hydra's
+"add a key": they are keys of the run's config, which this command's own config does not hold; they are
+checked against the training schema when merged (an unknown one exits 2, named).
 
 Prints a JSON summary and writes it to `<checkpoint>/eval.json` (or `output=<file>`):
 
@@ -20,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from core import checkpoint
 from core.checkpoint import (
@@ -34,7 +36,7 @@ from core.checkpoint import (
     load_checkpoint_model,
     resolve_checkpoint,
 )
-from core.cli import parse_args, run, setting
+from core.cli import command
 from core.model import IGNORE_INDEX, MaskedLMOutput
 from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
@@ -43,7 +45,6 @@ from pretrain.config import DEVICES, PRECISIONS, ConfigError, PretrainConfig, lo
 from pretrain.data import PACKINGS, ValidLoader, word_starts
 
 EVAL_JSON = "eval.json"
-OVERRIDE_GROUPS = ("data.", "system.")
 """Run-config groups a command line may override (the model and its training are fixed by the checkpoint)."""
 
 Forward = Callable[[dict[str, torch.Tensor]], MaskedLMOutput]
@@ -124,23 +125,26 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict
 
 @dataclass
 class EvaluateArgs:
-    checkpoint: str = setting(help="a step_* dir, a run dir, its checkpoints/ dir or its latest file; "
-                                   "data.* and system.* overrides of its run config may follow")
-    output: Optional[str] = setting(None, f"where to write the JSON summary; null = <checkpoint>/{EVAL_JSON}")
+    """The settings of `python -m pretrain.evaluate` (conf/commands/evaluate.yaml)."""
+
+    checkpoint: str = MISSING
+    """A step_* dir, a run dir, its checkpoints/ dir or its latest file."""
+    output: Optional[str] = None
+    """Where to write the JSON summary; null: <checkpoint>/eval.json."""
+    data: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the run's `data.*` settings (`+data.valid_max_batches=0`)."""
+    system: Dict[str, Any] = field(default_factory=dict)
+    """Overrides of the run's `system.*` settings (`+system.device=cuda`)."""
+
+    def overrides(self) -> list[str]:
+        """The run-config overrides as `key=value` words."""
+        return [f"{group}.{key}={json.dumps(value)}"  # JSON values are YAML values
+                for group in ("data", "system") for key, value in getattr(self, group).items()]
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(our key=value words, the run-config overrides: words whose key starts with data. or system.)"""
-    ours, overrides = [], []
-    for word in argv:
-        (overrides if word.lstrip("+").startswith(OVERRIDE_GROUPS) else ours).append(word)
-    return ours, overrides
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    ours, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    args = parse_args(EvaluateArgs, ours)
-    summary = evaluate_checkpoint(args.checkpoint, overrides)
+@command("evaluate", EvaluateArgs, refused=(CheckpointError, ConfigError, CorpusError))
+def main(args: EvaluateArgs) -> int:
+    summary = evaluate_checkpoint(args.checkpoint, args.overrides())
     output = Path(args.output) if args.output else Path(summary["checkpoint"]) / EVAL_JSON
     output.write_text(json.dumps(summary, indent=1) + "\n")
     json.dump(summary, sys.stdout, indent=1)
@@ -149,4 +153,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main, errors=(CheckpointError, ConfigError, CorpusError))
+    main()

@@ -33,18 +33,18 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from core import checkpoint
+from core.cli import EXIT_BAD_INPUT, hydra_app
 from core.model import RobertaForMaskedLM
 from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
 from pretrain import distributed
-from pretrain.config import ConfigError, PretrainConfig, resolved_yaml, to_run_config
+from pretrain.config import CONF_DIR, ConfigError, PretrainConfig, resolved_yaml, to_run_config
 from pretrain.data import TrainLoader, ValidLoader, check_corpus, word_starts
 from pretrain.engine import Engine, build_engine
 from pretrain.evaluate import evaluate
@@ -417,12 +417,7 @@ def run(cfg: DictConfig) -> int:
     return code
 
 
-EXIT_BAD_INPUT = 2
-"""Exit code of a run refused at start-up: a bad setting, a corpus that does not fit, a bad checkpoint path."""
-
-
-@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _task(cfg: DictConfig) -> None:
     try:
         code = run(cfg)
     except (ConfigError, CorpusError, ResumeError) as e:
@@ -430,6 +425,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(EXIT_BAD_INPUT)
     if code:
         sys.exit(code)
+
+
+main = hydra_app(CONF_DIR, "pretrain", _task)
+"""`python -m pretrain.train`: a refused configuration exits 2 (core.cli), 3 and 75 as the README says."""
 
 
 if __name__ == "__main__":

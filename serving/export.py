@@ -19,9 +19,10 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
+from omegaconf import MISSING
 
 from core.checkpoint import (
     CheckpointError,
@@ -31,7 +32,7 @@ from core.checkpoint import (
     read_run_config,
     resolve_checkpoint,
 )
-from core.cli import parse_args, run, setting
+from core.cli import command
 from core.hf import CONFIG_NAME, SAFETENSORS_NAME, HFCheckpointError, save_hf
 from core.tokenizer import TOKENIZER_JSON, TokenizerError
 
@@ -73,19 +74,26 @@ def export(checkpoint: str | Path, output_dir: str | Path, tokenizer: str | Path
 
 @dataclass
 class ExportArgs:
-    checkpoint: str = setting(help="a step_* dir, a run dir, its checkpoints/ dir or its latest file")
-    output_dir: str = setting(help="the HF directory to write")
-    tokenizer: Optional[str] = setting(None, "tokenizer directory; null = the run's data.tokenizer")
-    dtype: str = setting("fp32", "dtype of the saved weights: fp32 or bf16")
-    overwrite: bool = setting(False, "replace a non-empty output_dir")
+    """The settings of `python -m serving.export` (conf/commands/export.yaml)."""
+
+    checkpoint: str = MISSING
+    """A step_* dir, a run dir, its checkpoints/ dir or its latest file."""
+    output_dir: str = MISSING
+    """The HF directory to write."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; null: the run's data.tokenizer."""
+    dtype: str = "fp32"
+    """dtype of the saved weights: fp32 or bf16."""
+    overwrite: bool = False
+    """Replace a non-empty output_dir."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of {sorted(DTYPES)}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(ExportArgs, argv)
+@command("export", ExportArgs, refused=(CheckpointError, HFCheckpointError, TokenizerError, FileExistsError))
+def main(args: ExportArgs) -> int:
     summary = export(args.checkpoint, args.output_dir, args.tokenizer, args.dtype, args.overwrite)
     json.dump(summary, sys.stdout, indent=1)
     sys.stdout.write("\n")
@@ -93,4 +101,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main, errors=(CheckpointError, HFCheckpointError, TokenizerError, FileExistsError))
+    main()

@@ -11,10 +11,12 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
+
+from omegaconf import MISSING
 
 from core.checkpoint import CheckpointError
-from core.cli import parse_args, run, setting
+from core.cli import command
 from core.hf import HFCheckpointError
 from core.tokenizer import TokenizerError
 from serving.masker import DEFAULT_TOP_K, RequestError, decode_request, load_fill_masker
@@ -26,18 +28,27 @@ from serving.server import serve
 
 @dataclass
 class FillMaskArgs:
-    model: str = setting(help="HF directory (python -m serving.export) or checkpoint: a step_* dir, a run "
-                              "dir, its checkpoints/ dir or its latest file")
-    request: Optional[str] = setting(None, "request JSON file, or - for stdin (not with serve=true)")
-    top_k: int = setting(DEFAULT_TOP_K, "candidates per string when the request has no parameters.top_k")
-    tokenizer: Optional[str] = setting(None, "tokenizer directory; null = the HF dir's own, or the run's "
-                                             "data.tokenizer")
-    device: str = setting("cpu", "cpu, cuda or auto")
-    serve: bool = setting(False, "serve the same schema over HTTP (POST /score, GET /health) instead")
-    host: str = setting("127.0.0.1", "server address")
-    port: int = setting(8000, "server port; 0 picks a free one (printed)")
-    max_batch: int = setting(64, "most strings in one forward (the server batches concurrent requests up to "
-                                 "it)")
+    """The settings of `python -m serving.fill_mask` (conf/commands/fill_mask.yaml)."""
+
+    model: str = MISSING
+    """HF directory (python -m serving.export) or a checkpoint: a step_* dir, a run dir, its checkpoints/
+    dir or its latest file."""
+    request: Optional[str] = None
+    """Request JSON file, or - for stdin (not with serve=true)."""
+    top_k: int = DEFAULT_TOP_K
+    """Candidates per string when the request has no parameters.top_k."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; null: the HF dir's own, or the run's data.tokenizer."""
+    device: str = "cpu"
+    """cpu, cuda or auto."""
+    serve: bool = False
+    """Serve the same schema over HTTP (POST /score, GET /health) instead."""
+    host: str = "127.0.0.1"
+    """Server address."""
+    port: int = 8000
+    """Server port; 0 picks a free one (printed)."""
+    max_batch: int = 64
+    """Most strings in one forward (the server batches concurrent requests up to it)."""
 
     def __post_init__(self) -> None:
         if self.serve == (self.request is not None):
@@ -63,8 +74,8 @@ def read_request_text(source: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(FillMaskArgs, argv)
+@command("fill_mask", FillMaskArgs, refused=(RequestError, CheckpointError, HFCheckpointError, TokenizerError))
+def main(args: FillMaskArgs) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     masker = load_fill_masker(args.model, args.tokenizer, args.device, args.max_batch)
@@ -80,4 +91,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run(main, errors=(RequestError, CheckpointError, HFCheckpointError, TokenizerError))
+    main()

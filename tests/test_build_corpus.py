@@ -247,7 +247,7 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
 
 def test_missing_or_empty_input_fails_clearly(tmp_path, jargon_tokenizer):
     r = run_cli(f"input={tmp_path}/nope.txt", f"tokenizer={jargon_tokenizer}", f"output_dir={tmp_path / 'o'}")
-    assert r.returncode == 1 and "nope.txt: no such file" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "nope.txt: no such file" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "blank.txt").write_text("\n   \n\n")
     with pytest.raises(CorpusError, match="the input holds no documents"):
         build(tmp_path, "o2", tmp_path / "blank.txt", jargon_tokenizer)
@@ -255,7 +255,7 @@ def test_missing_or_empty_input_fails_clearly(tmp_path, jargon_tokenizer):
     assert r.returncode == 2 and "tokenizer= are required" in r.stderr
     r = run_cli(f"input={tmp_path}/blank.txt", f"tokenizer={jargon_tokenizer}",
                 f"output_dir={tmp_path / 'o'}", "workers=two")
-    assert r.returncode == 2 and "workers='two': not a valid int" in r.stderr
+    assert r.returncode == 2 and "Value 'two' of type 'str' could not be converted to Integer" in r.stderr
 
 
 def test_a_different_corpus_is_refused_unless_overwrite(tmp_path, jargon_tokenizer, jargon_path):
@@ -266,7 +266,7 @@ def test_a_different_corpus_is_refused_unless_overwrite(tmp_path, jargon_tokeniz
         build(tmp_path, "out", [inp], jargon_tokenizer, valid_fraction=0.2)
     assert corpus_bytes(out) == before
     r = run_cli(f"input={inp}", f"tokenizer={jargon_tokenizer}", f"output_dir={out}", "shard_tokens=1000")
-    assert r.returncode == 1 and "overwrite=true" in r.stderr
+    assert r.returncode == 2 and "overwrite=true" in r.stderr
     build(tmp_path, "out", [inp], jargon_tokenizer, valid_fraction=0.2, overwrite=True)
     fresh = build(tmp_path, "fresh", [inp], jargon_tokenizer, valid_fraction=0.2)
     assert corpus_bytes(out) == corpus_bytes(fresh)
@@ -305,7 +305,7 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path, jargon_tokenizer, jarg
     spec = ",".join(map(str, inputs))
     reference = build(tmp_path, "reference", inputs, jargon_tokenizer, shard_tokens=5000)
     out = tmp_path / "killed"
-    argv = [sys.executable, "-m", "data_prep.build_corpus", f"input={spec}", f"tokenizer={jargon_tokenizer}",
+    argv = [sys.executable, "-m", "data_prep.build_corpus", f"input=[{spec}]", f"tokenizer={jargon_tokenizer}",
             f"output_dir={out}", "shard_tokens=5000", "progress=false", "batch_bytes=4000"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / ".build" / "file-00000.json"

@@ -68,8 +68,8 @@ def test_consolidated_deepspeed_weights_reproduce_the_two_rank_validation(runs, 
 
 def test_overrides_and_output(runs, tmp_path):
     output = tmp_path / "e.json"
-    proc = run_cli(f"checkpoint={runs['torch']}/checkpoints", "data.valid_max_batches=2",
-                   "system.micro_batch_size=4", f"output={output}")
+    proc = run_cli(f"checkpoint={runs['torch']}/checkpoints", "+data.valid_max_batches=2",
+                   "+system.micro_batch_size=4", f"output={output}")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(output.read_text())
     assert summary == json.loads(proc.stdout)
@@ -81,15 +81,17 @@ def test_overrides_and_output(runs, tmp_path):
 
 
 def test_bad_inputs_name_what_is_wrong(runs, tmp_path):
-    proc = run_cli(f"checkpoint={runs['torch']}", "data.no_such_key=1")
-    assert proc.returncode == 1 and "data.no_such_key" in proc.stderr
-    proc = run_cli(f"checkpoint={runs['torch']}", "model.hidden_size=8")  # the model is the checkpoint's
-    assert proc.returncode == 2 and "unknown key 'model.hidden_size'" in proc.stderr
+    proc = run_cli(f"checkpoint={runs['torch']}", "+data.no_such_key=1")
+    assert proc.returncode == 2 and "data.no_such_key" in proc.stderr
+    proc = run_cli(f"checkpoint={runs['torch']}", "data.valid_max_batches=1")  # a run-config key needs +
+    assert proc.returncode == 2 and "To append to your config use +data.valid_max_batches=1" in proc.stderr
+    proc = run_cli(f"checkpoint={runs['torch']}", "+model.hidden_size=8")  # the model is the checkpoint's
+    assert proc.returncode == 2 and "unknown key 'model'" in proc.stderr
     proc = run_cli(f"checkpoint={tmp_path}")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert f"{tmp_path}: not a complete checkpoint: no checkpoint.json" in proc.stderr
-    proc = run_cli(f"checkpoint={runs['torch']}", f"data.corpus={tmp_path}")
-    assert proc.returncode == 1 and f"{tmp_path}/manifest.json: no manifest" in proc.stderr
+    proc = run_cli(f"checkpoint={runs['torch']}", f"+data.corpus={tmp_path}")
+    assert proc.returncode == 2 and f"{tmp_path}/manifest.json: no manifest" in proc.stderr
     with pytest.raises(ConfigError, match="data.seq_len=many"):
         evaluate_checkpoint(runs["torch"], ["data.seq_len=many"])
     with pytest.raises(ConfigError, match=r"system.precision='fp16' must be one of \['fp32', 'bf16'\]"):

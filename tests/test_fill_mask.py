@@ -152,10 +152,10 @@ def test_longest_input_is_the_models_max_seq_len(masker):
 
 def test_cli_bad_request_exits_nonzero_with_message(ckpt):
     proc = run_cli(f"model={ckpt}", "request=-", stdin='{"inputs": {"input_string": ["<mask> and <mask>"]}}')
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""
     assert "has 2 <mask> tokens; each string needs exactly one" in proc.stderr
     proc = run_cli(f"model={ckpt}", "request=/nonexistent.json")
-    assert proc.returncode == 1 and "request=/nonexistent.json: no such file" in proc.stderr
+    assert proc.returncode == 2 and "request=/nonexistent.json: no such file" in proc.stderr
     proc = run_cli(f"model={ckpt}")  # neither request nor serve
     assert proc.returncode == 2 and "give request=" in proc.stderr
 

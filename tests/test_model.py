@@ -2,7 +2,6 @@
 options (padded vocabulary, activation checkpointing, bf16 autocast, torch.compile) giving equal results."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -246,6 +246,33 @@ def test_prep_array_equals_single_process_build(jargon_tokenizer: Path, tmp_path
     assert [n for n in a if a[n] != b[n]] == []
 
 
+def test_data_prep_runs_under_the_submitit_launcher_as_training_does(jargon_tokenizer: Path, tmp_path: Path) -> None:
+    """Every command is a Hydra app: a `-m` sweep of build_corpus (two valid fractions) through
+    `hydra/launcher=slurm_1node` runs one SLURM job per point; each corpus equals a local build."""
+    text = tmp_path / "a.txt"
+    docs = gzip.open(REPO / "data" / "jargon.txt.gz", "rt", encoding="utf-8").read().split("\n\n")[:600]
+    text.write_text("\n\n".join(docs), encoding="utf-8")
+    settings = [f"input={text}", f"tokenizer={jargon_tokenizer}", "progress=false"]
+    cmd = [sys.executable, "-m", "data_prep.build_corpus", "-m", "hydra/launcher=slurm_1node",
+           "hydra.launcher.tasks_per_node=1", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.timeout_min=10", f"hydra.launcher.name={tmp_path.name}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.launcher.submitit_folder={tmp_path / 'submitit'}",
+           *settings, "valid_fraction=0.05,0.2", f"output_dir={tmp_path}/swept-${{valid_fraction}}"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    logs = "\n".join(p.read_text()[-1500:] for p in (tmp_path / "submitit").rglob("*.out"))
+    assert r.returncode == 0, f"{r.stdout[-2000:]}\n{r.stderr[-3000:]}\n{logs}"
+    assert len(list((tmp_path / "submitit").rglob("*_log.out"))) == 2, logs  # one SLURM job a point
+    for fraction in ("0.05", "0.2"):
+        local = tmp_path / f"local-{fraction}"
+        r = subprocess.run([sys.executable, "-m", "data_prep.build_corpus", *settings, f"valid_fraction={fraction}",
+                            f"output_dir={local}"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           timeout=JOB_TIMEOUT_S)
+        assert r.returncode == 0, r.stderr[-3000:]
+        swept = tmp_path / f"swept-{fraction}"
+        assert (swept / "manifest.json").read_bytes() == (local / "manifest.json").read_bytes()
+        assert sorted(p.name for p in swept.glob("*.bin")) == sorted(p.name for p in local.glob("*.bin"))
+
+
 def test_requeues_are_bounded(jargon_corpus: Path, jargon_tokenizer: Path, tmp_path: Path) -> None:
     """With MAX_REQUEUES=0 a signalled job checkpoints and ends with exit 75 instead of requeueing."""
     out = tmp_path / "run"

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from core.cli import parse_args
 from core.tokenizer import TokenizerError, document_encoder, load_tokenizer, special_ids, tokenizer_hash
 from data_prep.build_tokenizer import BuildTokenizerArgs, build_tokenizer
 from data_prep.io import InputError, read_documents
@@ -172,29 +172,48 @@ def test_cli_trains_and_imports(tmp_path, jargon_path):
          f"output_dir={tmp_path / 't'}", "vocab_size=40000", "progress=false"],
         capture_output=True, text=True, cwd=REPO,
     )
-    assert r.returncode == 1 and "vocab_size=" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "vocab_size=" in r.stderr and "Traceback" not in r.stderr
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data_prep.build_tokenizer", *argv], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
 
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["output_dir=x", "input=a", "vocab_size=big"], "vocab_size='big': not a valid int"),
-     (["output_dir=x", "input=a", "vocab_sise=5"], "unknown key 'vocab_sise'"),
-     (["input=a"], "missing required key(s): output_dir"),
+    [(["output_dir=x", "input=a", "vocab_size=big"], "Value 'big' of type 'str' could not be converted to Integer"),
+     (["output_dir=x", "input=a", "vocab_sise=5"], "Key 'vocab_sise' not in 'BuildTokenizerArgs'"),
+     (["input=a"], "output_dir: required; give output_dir=..."),
      (["output_dir=x"], "give either input="),
-     (["output_dir=x", "input=a", "progress=maybe"], "progress='maybe': not a valid bool"),
-     (["output_dir=x", "input"], "arguments are key=value")],
+     (["output_dir=x", "input=a", "progress=maybe"], "Value 'maybe' is not a valid bool"),
+     (["output_dir=x", "input=a,b"], "Ambiguous value for argument 'input=a,b'"),
+     (["output_dir=x", "input"], "Error parsing override 'input'")],
 )
-def test_cli_usage_errors_exit_2_naming_the_key(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        parse_args(BuildTokenizerArgs, argv)
-    assert exit_.value.code == 2
-    assert message in capsys.readouterr().err
+def test_cli_usage_errors_exit_2_naming_the_key(argv, message, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "data_prep.build_tokenizer", *argv], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran: no outputs/, no log file
 
 
-def test_cli_parses_types():
-    argv = ["output_dir=o", "input=a.txt,b.txt", "vocab_size=50_265", "progress=false"]
-    args = parse_args(BuildTokenizerArgs, argv)
-    assert args.vocab_size == 50265 and args.progress is False and args.input == "a.txt,b.txt"
+def test_cli_is_a_hydra_app_lists_and_all(tmp_path, jargon_path):
+    """Hydra's list syntax, --cfg job, --help and typed values, as for every command."""
+    r = cli("--cfg", "job", "output_dir=o", f"input=[{jargon_path},'{tmp_path}/*.txt']", "vocab_size=50_265",
+            "progress=false")
+    assert r.returncode == 0, r.stderr
+    job = yaml.safe_load(r.stdout)
+    assert job["input"] == [str(jargon_path), f"{tmp_path}/*.txt"] and job["vocab_size"] == 50265
+    assert job["progress"] is False and job["min_frequency"] == 2  # the schema's default
+    r = cli("--help")
+    assert r.returncode == 0 and "vocab_size: Ids in all" in r.stdout and "vocab_size: 50265" in r.stdout
+    (tmp_path / "a.txt").write_text("one two three\n\nfour five six\n")
+    (tmp_path / "b.txt").write_text("seven eight\n")
+    r = cli(f"input=[{tmp_path}/a.txt,{tmp_path}/b.txt]", f"output_dir={tmp_path / 'tok'}", "vocab_size=270",
+            "min_frequency=1", "progress=false")
+    assert r.returncode == 0, r.stderr
+    assert "input_files=2" in r.stdout and "documents=3" in r.stdout
 
 
 def test_txt_and_jsonl_gz_train_the_same_tokenizer_and_max_bytes_samples(tmp_path, jargon_path):

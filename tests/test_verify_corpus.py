@@ -70,7 +70,7 @@ def test_intact_corpus_passes_and_cli_reports(corpus):
     flip(corpus / BIN, 7)
     r = subprocess.run([sys.executable, "-m", "data_prep.verify_corpus", f"path={corpus}"],
                        capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 1 and BIN in r.stderr and "sha256" in r.stderr
+    assert r.returncode == 2 and BIN in r.stderr and "sha256" in r.stderr
 
 
 def test_a_cached_open_is_not_fooled_by_verify(corpus):
