@@ -31,6 +31,7 @@ bench: install
 	$(PY) -m bench.model
 	$(PY) -m bench.loader
 	$(PY) -m bench.train
+	$(PY) -m bench.server
 
 clean:
 	rm -rf $(VENV) outputs demo_out

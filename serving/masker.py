@@ -31,9 +31,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tokenizers import Tokenizer
 
 from core.checkpoint import load_model_and_tokenizer
@@ -42,8 +43,6 @@ from core.tokenizer import MASK, TokenizerError, special_ids
 
 DEFAULT_TOP_K = 5
 """Candidates per string when the request names no `top_k` (HF's pipeline default)."""
-REQUEST_KEYS = {"inputs", "parameters"}
-PARAMETER_KEYS = {"top_k"}
 
 
 class RequestError(ValueError):
@@ -68,32 +67,75 @@ class Encoded:
     """Position of the one `<mask>` in `ids`."""
 
 
+# The request and response schema, typed: `parse_request` validates with it, and the server's
+# /openapi.json describes it.
+
+class FillMaskInputs(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    input_string: List[str] = Field(min_length=1, description="Strings, each with exactly one <mask>.")
+
+
+class FillMaskParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    top_k: Optional[int] = Field(None, description="Candidates per string, in [1, vocab_size] (default 5).",
+                                 json_schema_extra={"minimum": 1})
+
+
+class FillMaskBody(BaseModel):
+    """A fill-mask request: the model card's real-time endpoint schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"inputs": {"input_string": [
+                                  "Paris is the <mask> of France."]}, "parameters": {"top_k": 2}}]})
+    inputs: FillMaskInputs
+    parameters: Optional[FillMaskParameters] = None
+
+
+class Candidate(BaseModel):
+    """One answer for one string, as HF's pipeline("fill-mask") gives it."""
+
+    score: float = Field(description="Softmax over the whole vocabulary at the mask position.")
+    token: int = Field(description="The candidate's id.")
+    token_str: str = Field(description="The candidate decoded alone (with its leading space).")
+    sequence: str = Field(description="The input with the mask replaced, decoded without special tokens.")
+
+
+FillMaskResponse = List[List[Candidate]]
+"""One list per input string, best first."""
+
+
+def _why(error: dict[str, Any]) -> str:
+    """One pydantic error as the message a client reads (naming the key, as the CLI's errors do)."""
+    loc, kind, got = tuple(error["loc"]), error["type"], error.get("input")
+    if loc == ():
+        return f"the request must be a JSON object, got {type(got).__name__}"
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return f"unknown request key(s) {[loc[0]]}; known: {sorted(FillMaskBody.model_fields)}"
+    if kind == "extra_forbidden" and loc[0] == "parameters":
+        return f"unknown parameter(s) {[loc[-1]]}; known: {sorted(FillMaskParameters.model_fields)}"
+    if loc[0] == "inputs" and (len(loc) == 1 or kind in ("extra_forbidden", "missing")):
+        return '"inputs" must be an object with exactly one key, "input_string"'
+    if loc[:2] == ("inputs", "input_string"):
+        if kind == "too_short":
+            return '"inputs.input_string" is empty: give at least one string'
+        return '"inputs.input_string" must be a list of strings'
+    if loc == ("parameters",):
+        return f'"parameters" must be an object, got {type(got).__name__}'
+    if loc == ("parameters", "top_k"):
+        return f'"parameters.top_k" must be an integer, got {got!r}'
+    return f"{'.'.join(map(str, loc))}: {error['msg']}"
+
+
 def parse_request(obj: Any, default_top_k: int = DEFAULT_TOP_K) -> FillMaskRequest:
-    """Check a decoded JSON request against the schema (types, keys, a non-empty list of strings, an
-    integer `top_k`); the range of `top_k` and the strings themselves are checked by `FillMasker`."""
-    if not isinstance(obj, dict):
-        raise RequestError(f"the request must be a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - REQUEST_KEYS)
-    if unknown:
-        raise RequestError(f"unknown request key(s) {unknown}; known: {sorted(REQUEST_KEYS)}")
-    inputs = obj.get("inputs")
-    if not isinstance(inputs, dict) or set(inputs) != {"input_string"}:
-        raise RequestError('"inputs" must be an object with exactly one key, "input_string"')
-    strings = inputs["input_string"]
-    if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
-        raise RequestError('"inputs.input_string" must be a list of strings')
-    if not strings:
-        raise RequestError('"inputs.input_string" is empty: give at least one string')
-    parameters = obj.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise RequestError(f'"parameters" must be an object, got {type(parameters).__name__}')
-    unknown = sorted(set(parameters) - PARAMETER_KEYS)
-    if unknown:
-        raise RequestError(f"unknown parameter(s) {unknown}; known: {sorted(PARAMETER_KEYS)}")
-    top_k = parameters.get("top_k", default_top_k)
-    if not isinstance(top_k, int) or isinstance(top_k, bool):
-        raise RequestError(f'"parameters.top_k" must be an integer, got {top_k!r}')
-    return FillMaskRequest(strings=strings, top_k=top_k)
+    """Check a decoded JSON request against the schema (`FillMaskBody`: types, keys, a non-empty list
+    of strings, an integer `top_k`); the range of `top_k` and the strings themselves are checked by
+    `FillMasker`."""
+    try:
+        body = FillMaskBody.model_validate(obj)
+    except ValidationError as e:
+        raise RequestError(_why(e.errors()[0])) from None
+    top_k = body.parameters.top_k if body.parameters and body.parameters.top_k is not None else default_top_k
+    return FillMaskRequest(strings=body.inputs.input_string, top_k=top_k)
 
 
 def decode_request(body: bytes | str, default_top_k: int = DEFAULT_TOP_K) -> FillMaskRequest:

@@ -1,38 +1,60 @@
 """The fill-mask HTTP server: `python -m serving.fill_mask model=<dir> serve=true port=8000`.
 
-    POST /score    the request schema of `serving.masker` -> 200 and the same JSON the CLI prints
+FastAPI on uvicorn (one process, one event loop):
+
+    POST /score    the request schema of `serving.masker` (FillMaskBody) -> 200 and the same JSON the
+                   CLI prints (FillMaskResponse)
     GET  /health   200 {"status": "ok", "model", "vocab_size", "max_tokens", "default_top_k",
                         "batches", "strings"}  (forwards run and strings answered so far)
+    GET  /openapi.json, /docs    the schema, typed from the pydantic models of `serving.masker`
 
-Requests are parsed, checked and tokenized in the connection's thread (stdlib `ThreadingHTTPServer`);
-a bad one is answered at once with 400 and `{"error": "<why>"}` (404 / 405 / 411 / 413 for a wrong
-path, method, a missing Content-Length or a body over `MAX_BODY_BYTES`). Good ones go to a queue. One
-worker thread runs every forward: it takes the oldest pending request, adds every other pending one
-while the batch holds at most `max_batch` strings, runs one padded forward for them all and answers
-each. Scores of a string can differ from the CLI's in the last float bits (padding changes the matmul
-shapes); the candidates and their order are the same. SIGTERM or Ctrl-C stops the server cleanly.
+A request is parsed and checked by the same code as the CLI's (`serving.masker.decode_request`, so the
+messages are the same), then tokenized in a worker thread of the server's pool; a bad one is answered
+at once with 400 and `{"error": "<why>"}` (404 / 405 / 411 / 413 for a wrong path, method, a missing
+Content-Length or a body over `MAX_BODY_BYTES`, in the same shape; never the framework's 422). Good ones
+go to a queue. One worker thread runs every forward: it takes the oldest pending request, adds every
+other pending one while the batch holds at most `max_batch` strings, runs one padded forward for them
+all and answers each. Scores of a string can differ from the CLI's in the last float bits (padding
+changes the matmul shapes); the candidates and their order are the same. SIGTERM or Ctrl-C stops the
+server cleanly: uvicorn stops accepting, answers what is in flight, then the batcher drains.
 """
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import logging
 import queue
 import signal
+import socket
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from serving.masker import DEFAULT_TOP_K, Encoded, FillMasker, RequestError, decode_request
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.masker import (
+    DEFAULT_TOP_K,
+    Encoded,
+    FillMaskBody,
+    FillMasker,
+    FillMaskResponse,
+    RequestError,
+    decode_request,
+)
 
 log = logging.getLogger("serving.server")
 
 MAX_BODY_BYTES = 1 << 20
 """Largest request body accepted (413 beyond)."""
-SOCKET_TIMEOUT_S = 30
-"""A connection that sends nothing for this long is closed (a stalled client holds no thread)."""
+KEEP_ALIVE_S = 30
+"""An idle keep-alive connection is closed after this long."""
+ROUTES = {"/score": "POST", "/health": "GET"}
 
 
 @dataclass
@@ -118,121 +140,105 @@ class Batcher:
             start += len(job.encoded)
 
 
-class FillMaskServer(ThreadingHTTPServer):
-    """A threading HTTP server holding the masker, the batcher and the service's settings."""
-
-    daemon_threads = True
-    request_queue_size = 128  # a burst of concurrent connections is queued, not refused
-
-    def __init__(self, address: tuple[str, int], masker: FillMasker, default_top_k: int = DEFAULT_TOP_K,
-                 model_name: str = "", max_batch: int | None = None):
-        super().__init__(address, _Handler)
-        self.masker, self.default_top_k, self.model_name = masker, default_top_k, model_name
-        self.batcher = Batcher(masker, max_batch)
-        self.batcher.start()
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_name, "vocab_size": self.masker.vocab_size,
-                "max_tokens": self.masker.max_tokens, "default_top_k": self.default_top_k,
-                "batches": self.batcher.batches, "strings": self.batcher.strings}
-
-    def score(self, body: bytes) -> list[list[dict[str, Any]]]:
-        """Check and tokenize here (RequestError on a bad request), then wait for the batcher's answer."""
-        request = decode_request(body, self.default_top_k)
-        self.masker.check_top_k(request.top_k)
-        encoded = self.masker.encode(request.strings)
-        return self.batcher.submit(encoded, request.top_k).result()
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.batcher.close()
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: FillMaskServer
-    timeout = SOCKET_TIMEOUT_S
-    ROUTES = {"/score": "POST", "/health": "GET"}
+def create_app(masker: FillMasker, default_top_k: int = DEFAULT_TOP_K, model_name: str = "",
+               max_batch: int | None = None) -> FastAPI:
+    """The ASGI app: routes, the error shape, and the batcher's life (started and drained with the app)."""
+    batcher = Batcher(masker, max_batch)
 
-    def _send(self, status: HTTPStatus, obj: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _error(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
-        self._send(status, {"error": message}, headers)
-
-    def _route(self, method: str) -> bool:
-        """True when (method, path) is served; otherwise answer 404 / 405 and return False."""
-        path = self.path.split("?", 1)[0]
-        allowed = self.ROUTES.get(path)
-        if allowed is None:
-            self._error(HTTPStatus.NOT_FOUND, f"no route {method} {path}; use POST /score or GET /health")
-            return False
-        if allowed != method:
-            self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} takes {allowed}, not {method}",
-                        {"Allow": allowed})
-            return False
-        return True
-
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's naming)
-        if self._route("GET"):
-            self._send(HTTPStatus.OK, self.server.health())
-
-    def do_POST(self) -> None:  # noqa: N802
-        if not self._route("POST"):
-            return
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self._error(HTTPStatus.LENGTH_REQUIRED, "a POST /score needs a Content-Length header")
-            return
-        if int(length) > MAX_BODY_BYTES:
-            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                        f"body of {length} bytes; the limit is {MAX_BODY_BYTES}")
-            return
-        body = self.rfile.read(int(length))
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
         try:
-            result = self.server.score(body)
+            yield
+        finally:
+            await run_in_threadpool(batcher.close)  # answer what is queued, then stop the worker
+
+    app = FastAPI(title="fill-mask", version="1", lifespan=lifespan,
+                  description="RoBERTa fill-mask in the model card's real-time endpoint schema.")
+    app.state.batcher = batcher
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        path, method = request.url.path, request.method
+        if exc.status_code == 404:
+            return error(404, f"no route {method} {path}; use POST /score or GET /health")
+        if exc.status_code == 405 and path in ROUTES:
+            return error(405, f"{path} takes {ROUTES[path]}, not {method}", {"Allow": ROUTES[path]})
+        return error(exc.status_code, str(exc.detail))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """Liveness and counters: forwards run (`batches`) and strings answered so far."""
+        return {"status": "ok", "model": model_name, "vocab_size": masker.vocab_size,
+                "max_tokens": masker.max_tokens, "default_top_k": default_top_k,
+                "batches": batcher.batches, "strings": batcher.strings}
+
+    @app.post("/score", response_model=FillMaskResponse,
+              responses={400: {"description": "A bad request: `{\"error\": \"<why>\"}`"}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/FillMaskBody"}}}}})
+    async def score(request: Request) -> Any:
+        """Top-k candidates for the one `<mask>` of each string, best first."""
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit():
+            return error(411, "a POST /score needs a Content-Length header")
+        if int(length) > MAX_BODY_BYTES:
+            return error(413, f"body of {length} bytes; the limit is {MAX_BODY_BYTES}")
+        body = await request.body()
+        try:
+            parsed = decode_request(body, default_top_k)
+            masker.check_top_k(parsed.top_k)
+            encoded = await run_in_threadpool(masker.encode, parsed.strings)
         except RequestError as e:
-            self._error(HTTPStatus.BAD_REQUEST, str(e))
-            return
+            return error(400, str(e))
+        try:
+            return await asyncio.wrap_future(batcher.submit(encoded, parsed.top_k))
         except Exception as e:  # a bug, not the client's fault: say so, keep serving
             log.exception("POST /score failed")
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
-            return
-        self._send(HTTPStatus.OK, result)
+            return error(500, f"{type(e).__name__}: {e}")
 
-    def _not_allowed(self) -> None:
-        self._route(self.command)
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, plus the request body's (the route reads the raw body, to answer a bad one
+        with the CLI's message instead of the framework's 422)."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
 
-    do_PUT = do_DELETE = do_PATCH = _not_allowed
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            body = FillMaskBody.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(body.pop("$defs", {}))
+            components["FillMaskBody"] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the stdlib's signature)
-        log.info("%s %s", self.address_string(), format % args)
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
 
 
 def serve(masker: FillMasker, host: str, port: int, default_top_k: int = DEFAULT_TOP_K,
           model_name: str = "") -> None:
-    """Serve until SIGTERM / SIGINT; prints the address (with the port picked when `port` is 0)."""
-    server = FillMaskServer((host, port), masker, default_top_k, model_name)
-
-    def stop(signum: int, _frame: Any) -> None:
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() waits for serve_forever
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    print(f"fill-mask server listening on http://{host}:{server.port} (POST /score, GET /health)", flush=True)
+    """Serve until SIGTERM / SIGINT; prints the address (with the port picked when `port` is 0) once the
+    socket listens, so a client may connect as soon as it reads the line."""
+    app = create_app(masker, default_top_k, model_name)
+    sock = socket.create_server((host, port), backlog=1024)
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S, access_log=False,
+                            limit_concurrency=None)
+    # uvicorn takes SIGTERM / SIGINT for its graceful shutdown, then raises the signal again for the handler
+    # it found: let that be one that notes it, so that a requested stop ends with exit code 0.
+    previous = {s: signal.signal(s, _stopped) for s in (signal.SIGTERM, signal.SIGINT)}
+    print(f"fill-mask server listening on http://{host}:{sock.getsockname()[1]} (POST /score, GET /health)",
+          flush=True)
     try:
-        server.serve_forever()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
-        server.server_close()
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _stopped(signum: int, _frame: Any) -> None:
+    log.info("signal %s: stopped", signal.Signals(signum).name)

@@ -14,6 +14,7 @@ import sys
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,76 @@ def test_server_burst_of_concurrent_requests(server, masker):
         assert_same(body, masker(parse_request(req)))
     status, health = http(f"{server}/health")
     assert health["strings"] >= sum(len(r["inputs"]["input_string"]) for r in requests)
+
+
+def test_server_refuses_oversized_and_unsized_bodies(server):
+    host, port = server.split("//")[1].split(":")
+    conn = HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/score")
+    conn.putheader("Content-Length", str(2 << 20))  # refused on the header, before the body is sent
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "the limit is 1048576" in json.loads(resp.read())["error"]
+    conn.close()
+    conn = HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/score", body=iter([SAMPLE.read_bytes()]), encode_chunked=True,
+                 headers={"Content-Type": "application/json"})  # chunked: no Content-Length
+    resp = conn.getresponse()
+    assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]
+    conn.close()
+    status, answer = http(f"{server}/score", SAMPLE.read_bytes())
+    assert status == 200 and len(answer) == 2  # still serving
+
+
+def test_openapi_describes_the_request_and_response_schema(server):
+    status, spec = http(f"{server}/openapi.json")
+    assert status == 200
+    post = spec["paths"]["/score"]["post"]
+    assert post["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/FillMaskBody"}
+    schemas = spec["components"]["schemas"]
+    body = schemas["FillMaskBody"]
+    assert body["required"] == ["inputs"] and body["additionalProperties"] is False
+    inputs = schemas["FillMaskInputs"]["properties"]["input_string"]
+    assert inputs["type"] == "array" and inputs["items"] == {"type": "string"} and inputs["minItems"] == 1
+    top_k = schemas["FillMaskParameters"]["properties"]["top_k"]
+    assert {"type": "integer"} in top_k["anyOf"] and top_k["minimum"] == 1
+    answer = post["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer["type"] == "array" and answer["items"]["type"] == "array"
+    assert answer["items"]["items"] == {"$ref": "#/components/schemas/Candidate"}
+    candidate = schemas["Candidate"]
+    assert sorted(candidate["properties"]) == ["score", "sequence", "token", "token_str"]
+    assert candidate["properties"]["token"]["type"] == "integer"
+    refs = json.dumps(spec).count('"$ref": "#/components/schemas/')
+    assert all(ref.split('"')[0] in schemas for ref in json.dumps(spec).split('#/components/schemas/')[1:])
+    assert refs >= 4
+    req = urllib.request.Request(f"{server}/docs")
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert resp.status == 200 and b"swagger" in resp.read().lower()
+
+
+def test_server_under_load_answers_as_the_cli(server, masker):
+    """64 concurrent clients x 20 requests each over real HTTP: every answer equals the CLI's (the same
+    masker, one string at a time), and concurrent requests share forwards."""
+    n = len(SENTENCES)
+    bodies = [request([SENTENCES[i % n]] + ([SENTENCES[(i * 7 + 3) % n]] if i % 3 == 0 else []), top_k=1 + i % 5)
+              for i in range(64 * 20)]
+    want = {}
+    for b in bodies:
+        key = json.dumps(b)
+        if key not in want:
+            want[key] = masker(parse_request(b))
+    _, before = http(f"{server}/health")
+
+    def client(c: int) -> list[tuple[dict, int, object]]:
+        return [(b, *http(f"{server}/score", json.dumps(b).encode())) for b in bodies[c * 20:(c + 1) * 20]]
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        answers = [a for chunk in pool.map(client, range(64)) for a in chunk]
+    assert len(answers) == 1280
+    for body, status, answer in answers:
+        assert status == 200, answer
+        assert_same(answer, want[json.dumps(body)])
+    _, after = http(f"{server}/health")
+    strings = sum(len(b["inputs"]["input_string"]) for b in bodies)
+    assert after["strings"] - before["strings"] == strings
+    assert after["batches"] - before["batches"] < len(bodies)  # batched: fewer forwards than requests
