@@ -54,7 +54,7 @@ from tokenizers import Tokenizer
 from core.hashing import file_sha256
 from core.hf import CONFIG_NAME, load_hf
 from core.model import RobertaConfig, RobertaForMaskedLM
-from core.tokenizer import TokenizerError, load_tokenizer, tokenizer_hash
+from core.tokenizer import TokenizerError, check_built_with, load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -320,12 +320,12 @@ def checkpoint_tokenizer_dir(cfg: DictConfig, tokenizer: str | os.PathLike | Non
                               f"model.vocab_size={vocab_size}: not the run's tokenizer")
     manifest = Path(str(data.get("corpus"))) / "manifest.json"
     try:
-        corpus_hash = json.loads(manifest.read_text())["tokenizer_hash"]
+        recorded = json.loads(manifest.read_text())
+        corpus_vocab, corpus_hash = recorded["vocab_size"], recorded["tokenizer_hash"]
     except (OSError, ValueError, KeyError, TypeError):
         return directory  # the corpus is not here (e.g. another machine): the vocabulary check stands
-    if corpus_hash != tokenizer_hash(directory):
-        raise CheckpointError(f"{directory}: tokenizer_hash differs from the one the run's corpus was built "
-                              f"with ({manifest}): not the run's tokenizer")
+    check_built_with(f"{manifest} (the run's corpus)", corpus_vocab, corpus_hash, expect_hash=tokenizer_hash(directory),
+                     error=CheckpointError)
     return directory
 
 

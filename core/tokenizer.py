@@ -64,3 +64,15 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
     if ids != want:
         raise TokenizerError(f"special token ids are {ids}, expected {want}")
     return ids
+
+
+def check_built_with(where: object, vocab_size: int, tokenizer_hash_: str, *, expect_vocab_size: int | None = None,
+                     expect_hash: str | None = None, vocab_key: str = "model.vocab_size",
+                     error: type[Exception] = TokenizerError) -> None:
+    """The one check that something built with a tokenizer (a corpus manifest: `vocab_size` and
+    `tokenizer_hash` recorded at `where`) fits what is expected; raises `error` naming both values."""
+    if expect_vocab_size is not None and vocab_size != expect_vocab_size:
+        raise error(f"{where}: the corpus has vocab_size={vocab_size}, but {vocab_key}={expect_vocab_size}")
+    if expect_hash is not None and tokenizer_hash_ != expect_hash:
+        raise error(f"{where}: the corpus was built with tokenizer_hash {tokenizer_hash_}, not {expect_hash} "
+                    f"(the tokenizer given): it was made with another tokenizer")

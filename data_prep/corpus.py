@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from core.hashing import file_sha256
+from core.tokenizer import check_built_with
 from data_prep.shards import (
     FORMAT_VERSION,
     CorpusError,
@@ -163,16 +164,8 @@ class Corpus:
     ) -> "Corpus":
         path = Path(path)
         manifest = load_manifest(path)
-        if expect_vocab_size is not None and manifest["vocab_size"] != expect_vocab_size:
-            raise CorpusError(
-                f"{path / MANIFEST}: corpus vocab_size is {manifest['vocab_size']}, "
-                f"but {expect_vocab_size} was expected (model.vocab_size)"
-            )
-        if expect_tokenizer_hash is not None and manifest["tokenizer_hash"] != expect_tokenizer_hash:
-            raise CorpusError(
-                f"{path / MANIFEST}: corpus tokenizer_hash is {manifest['tokenizer_hash']}, "
-                f"but {expect_tokenizer_hash} was expected; the corpus was made with another tokenizer"
-            )
+        check_built_with(path / MANIFEST, manifest["vocab_size"], manifest["tokenizer_hash"],
+                         expect_vocab_size=expect_vocab_size, expect_hash=expect_tokenizer_hash, error=CorpusError)
         if split not in manifest["splits"]:
             raise CorpusError(f"{path / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
         dtype = dtype_from_name(manifest["dtype"])

@@ -22,11 +22,13 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from core import checkpoint
 from core.model import RobertaConfig
+from core.tokenizer import check_built_with
 from pretrain.masking import MaskingConfig
 
 BACKENDS = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+PACKINGS = ("full_sentences", "doc_sentences")
 
 
 class ConfigError(ValueError):
@@ -147,9 +149,6 @@ class TrainerConfig:
     max_consecutive_nonfinite: int = MISSING
     """Steps in a row with a non-finite loss or gradient norm after which the run fails (exit 3)."""
     progress_bar: bool = True
-    debug_inject_nan_step: int = -1
-    """Test hook: make the loss of step k (1-based, as logged) NaN on `debug_inject_nan_rank` (-1 = all)."""
-    debug_inject_nan_rank: int = -1
 
 
 @dataclass
@@ -235,16 +234,25 @@ def derive_grad_accum(global_batch: int, micro_batch: int, grad_accum: int | Non
     return grad_accum
 
 
+MISSING_HINTS = {
+    "data.corpus": "Give data.corpus=<corpus dir> and data.tokenizer=<tokenizer dir> (python -m "
+                   "data_prep.build_tokenizer / build_corpus make them), or experiment=debug after `make demo` "
+                   "has built demo_out/.",
+}
+
+
 def check_corpus_vocab(corpus_dir: str, vocab_size: int) -> None:
     """The corpus manifest's vocab_size must equal model.vocab_size (read from the manifest only)."""
     from data_prep.corpus import load_manifest
+    from data_prep.shards import CorpusError
 
-    manifest = load_manifest(corpus_dir)
-    if manifest["vocab_size"] != vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={vocab_size} differs from the corpus manifest's vocab_size="
-            f"{manifest['vocab_size']} ({Path(corpus_dir) / 'manifest.json'}, data.corpus)"
-        )
+    try:
+        manifest = load_manifest(corpus_dir)
+    except CorpusError as e:
+        hint = " (the debug experiment's demo_out/ is built by `make demo`)" if "demo_out" in str(corpus_dir) else ""
+        raise ConfigError(f"data.corpus={corpus_dir}: {e}{hint}") from None
+    check_built_with(f"{Path(corpus_dir) / 'manifest.json'} (data.corpus)", manifest["vocab_size"],
+                     manifest["tokenizer_hash"], expect_vocab_size=vocab_size, error=ConfigError)
 
 
 def to_run_config(cfg: DictConfig, world_size: int, check_corpus: bool = True) -> PretrainConfig:
@@ -252,16 +260,25 @@ def to_run_config(cfg: DictConfig, world_size: int, check_corpus: bool = True) -
 
     Raises `ConfigError` (or the model's / masking's `ValueError`) naming the offending keys.
     """
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        raise ConfigError(
+            f"{', '.join(missing)}: required, no default. {MISSING_HINTS.get(missing[0], '')}".rstrip()
+        )
     try:
         run: PretrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except ValueError as e:  # __post_init__ of RobertaConfig / MaskingConfig
         raise ConfigError(str(e)) from None
     except Exception as e:  # omegaconf's MissingMandatoryValue, ValidationError
         raise ConfigError(f"{type(e).__name__}: {e}") from None
+    if not run.data.tokenizer:
+        raise ConfigError("data.tokenizer is required: the tokenizer directory the corpus was built with (its "
+                          "hash is checked against the manifest; evaluation, export and fill-mask read it from "
+                          "the run's config)")
     _choice("trainer.backend", run.trainer.backend, BACKENDS)
     _choice("system.precision", run.system.precision, PRECISIONS)
     _choice("system.device", run.system.device, DEVICES)
-    _choice("data.packing", run.data.packing, ("full_sentences", "doc_sentences"))
+    _choice("data.packing", run.data.packing, PACKINGS)
     _choice("deepspeed.zero_stage", run.deepspeed.zero_stage, (0, 1, 2, 3))
     if run.deepspeed.offload_param and run.deepspeed.zero_stage != 3:
         raise ConfigError(

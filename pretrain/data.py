@@ -37,13 +37,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from core.tokenizer import load_tokenizer
+from core.tokenizer import check_built_with, load_tokenizer
 from data_prep.corpus import MANIFEST, Corpus
 from data_prep.shards import CorpusError
-from pretrain.config import ConfigError
-from pretrain.masking import IGNORE_INDEX, Masker, MaskingConfig, word_start_table
+from pretrain.config import PACKINGS, ConfigError
+from pretrain.distributed import SEED_STRIDE
+from pretrain.masking import Masker, MaskingConfig, word_start_table
 
-PACKINGS = ("full_sentences", "doc_sentences")
 CACHE_VERSION = 1
 EXPECTED_SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3}  # and mask = vocab_size - 1
 
@@ -54,15 +54,8 @@ def check_corpus(corpus: Corpus, vocab_size: int, tokenizer_hash: str | None = N
     Raises `CorpusError` naming the manifest and both values.
     """
     where = corpus.path / MANIFEST
-    if corpus.vocab_size != vocab_size:
-        raise CorpusError(
-            f"{where}: corpus vocab_size is {corpus.vocab_size}, but the model has vocab_size {vocab_size}"
-        )
-    if tokenizer_hash is not None and corpus.tokenizer_hash != tokenizer_hash:
-        raise CorpusError(
-            f"{where}: corpus tokenizer_hash is {corpus.tokenizer_hash}, but the tokenizer's hash is "
-            f"{tokenizer_hash}; the corpus was made with another tokenizer"
-        )
+    check_built_with(where, corpus.vocab_size, corpus.tokenizer_hash, expect_vocab_size=vocab_size,
+                     expect_hash=tokenizer_hash, error=CorpusError)
     specials = corpus.manifest.get("special_tokens", {})
     expected = {**EXPECTED_SPECIALS, "mask": vocab_size - 1}
     for name, want in expected.items():
@@ -432,7 +425,7 @@ class TrainLoader:
         workers = self.num_workers > 0
         # The iterator draws its workers' base seed from this generator, not from torch's global RNG (which
         # holds the dropout stream); masks do not depend on it (see MaskingCollator).
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank)
+        generator = torch.Generator().manual_seed(self.seed * SEED_STRIDE + self.rank)
         return DataLoader(
             self.dataset,
             batch_sampler=sampler,
@@ -508,7 +501,6 @@ class ValidLoader:
 
 
 __all__ = [
-    "IGNORE_INDEX",
     "MaskingConfig",
     "PackedBlocks",
     "StridedBatchSampler",

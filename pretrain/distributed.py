@@ -30,6 +30,9 @@ EXIT_STOPPED = 75
 """Exit code of a run stopped by SIGUSR1/SIGUSR2/SIGTERM after writing its checkpoint (resume it)."""
 EXIT_NONFINITE = 3
 """Exit code of a run that saw `trainer.max_consecutive_nonfinite` non-finite steps in a row."""
+SEED_STRIDE = 1_000_003
+"""A prime that spreads one seed over ranks: rank r draws from a seed a stride apart (data order
+workers, dropout), so no two ranks share a stream."""
 
 
 @dataclass(frozen=True)

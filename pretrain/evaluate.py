@@ -41,8 +41,8 @@ from core.model import IGNORE_INDEX, MaskedLMOutput
 from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
 from pretrain import distributed
-from pretrain.config import DEVICES, PRECISIONS, ConfigError, PretrainConfig, load_run_config
-from pretrain.data import PACKINGS, ValidLoader, word_starts
+from pretrain.config import DEVICES, PACKINGS, PRECISIONS, ConfigError, PretrainConfig, load_run_config
+from pretrain.data import ValidLoader, word_starts
 
 EVAL_JSON = "eval.json"
 """Run-config groups a command line may override (the model and its training are fixed by the checkpoint)."""

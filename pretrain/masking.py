@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from core.model import IGNORE_INDEX  # the label of a position that is not predicted
+
 if TYPE_CHECKING:
     import tokenizers
 
-IGNORE_INDEX = -100  # label of a position that is not predicted (torch's cross-entropy default)
 
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's Weyl increment (2^64 / golden ratio)

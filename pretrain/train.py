@@ -25,22 +25,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import sys
-import time
-import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from core import checkpoint
 from core.cli import EXIT_BAD_INPUT, hydra_app
-from core.model import RobertaForMaskedLM
+from core.model import IGNORE_INDEX, RobertaForMaskedLM
 from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
 from pretrain import distributed
@@ -48,7 +45,8 @@ from pretrain.config import CONF_DIR, ConfigError, PretrainConfig, resolved_yaml
 from pretrain.data import TrainLoader, ValidLoader, check_corpus, word_starts
 from pretrain.engine import Engine, build_engine
 from pretrain.evaluate import evaluate
-from pretrain.flops import device_peak_flops, flops_per_token, mfu
+from pretrain.flops import device_peak_flops, flops_per_token
+from pretrain.metrics import MetricsWriter, StepMetrics, start_wandb
 from pretrain.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("pretrain.train")
@@ -74,41 +72,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class MetricsWriter:
-    """Rank 0: JSON lines in `<output_dir>/metrics.jsonl` and, when enabled, wandb."""
-
-    def __init__(self, path: Path, wandb_run: Any):
-        self.path, self.wandb_run = path, wandb_run
-
-    def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-
-    def close(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-
-
-def start_wandb(run: PretrainConfig, cfg: DictConfig, out: Path, run_id: str | None) -> tuple[Any, str | None]:
-    """wandb.init on rank 0 (offline unless configured); the same run id continues a resumed run."""
-    if not run.wandb.enabled:
-        return None, None
-    import wandb
-
-    mode = run.wandb.mode or os.environ.get("WANDB_MODE") or "offline"
-    if mode == "disabled":
-        return None, None
-    run_id = run_id or uuid.uuid4().hex[:8]
-    wb = wandb.init(
-        project=run.wandb.project, entity=run.wandb.entity, name=run.wandb.name or run.name,
-        tags=list(run.wandb.tags), id=run_id, resume="allow", mode=mode, dir=str(out),
-        config=OmegaConf.to_container(cfg, resolve=True),  # type: ignore[arg-type]
-    )
-    return wb, run_id
-
-
 class Trainer:
     """Builds everything from the run config, then `fit()` runs the loop and returns the exit code."""
 
@@ -127,7 +90,7 @@ class Trainer:
             for layer in model.encoder.layers:
                 layer.compile()
         model.to(device)
-        seed_everything(t.seed + 1_000_003 * (env.rank + 1))
+        seed_everything(t.seed + distributed.SEED_STRIDE * (env.rank + 1))
 
         tok_hash = None
         if run.data.tokenizer:
@@ -164,7 +127,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(run.model, run.data.seq_len)
         peak = device_peak_flops(device, dtype)
         self.peak_flops = None if peak is None else peak * env.world_size
-        self.metrics: MetricsWriter | None = None
+        self.consecutive_nonfinite = 0
+        self.metrics: StepMetrics  # set by fit()
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
@@ -231,22 +195,23 @@ class Trainer:
         nb = self.device.type == "cuda"
         return [{k: v.to(self.device, non_blocking=nb) for k, v in next(it).items()} for _ in range(self.grad_accum)]
 
+    def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of one micro-batch, summed over its masked tokens (the tests' fault injection
+        overrides this in a subclass: tests/train_runner.py)."""
+        return self.engine.forward(batch).loss
+
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, bool, bool]:
         """One optimizer step over this rank's micro-batches: (loss, applied, stop requested anywhere).
 
         Two all-reduces: the masked-token count before the first forward, and (loss sum, non-finite flag,
         stop flag) before the optimizer step; the step's one host synchronisation reads them with the count.
         """
-        t = self.run.trainer
-        local_count = torch.stack([b["labels"].ne(-100).sum() for b in batches]).sum()
+        local_count = torch.stack([b["labels"].ne(IGNORE_INDEX).sum() for b in batches]).sum()
         count = distributed.all_reduce(local_count.to(torch.float64).reshape(1))
         scale = self.engine.grad_scale / count.clamp(min=1)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
-        inject = self.step + 1 == t.debug_inject_nan_step and t.debug_inject_nan_rank in (-1, self.env.rank)
         for i, batch in enumerate(batches):
-            loss = self.engine.forward(batch).loss  # summed over this micro-batch's masked tokens
-            if inject:
-                loss = loss * float("nan")
+            loss = self.micro_batch_loss(batch)
             self.engine.backward((loss * scale).to(loss.dtype).sum())
             loss_sum += loss.detach().double()
             if i < len(batches) - 1:
@@ -282,11 +247,16 @@ class Trainer:
         if resume_from is not None:
             self.load(resume_from)
         end = min(run.schedule.max_steps, t.stop_at_step or run.schedule.max_steps)
+        writer = None
         if self.env.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             wb, self.wandb_id = start_wandb(run, self.cfg, self.out, self.wandb_id)
-            self.metrics = MetricsWriter(self.out / "metrics.jsonl", wb)
+            writer = MetricsWriter(self.out / "metrics.jsonl", wb)
         self.wandb_id = distributed.broadcast_object(self.wandb_id)
+        self.metrics = StepMetrics(writer, name=run.name, log_every=t.log_every, max_steps=run.schedule.max_steps,
+                                   tokens_per_step=run.schedule.global_batch_size * run.data.seq_len,
+                                   step=self.step, flops_per_token=self.flops_per_token,
+                                   peak_flops=self.peak_flops, progress_bar=t.progress_bar)
         log.info(
             "run: %s | %d rank(s), backend %s%s, %s, device %s | global batch %d = %d x %d x %d | steps %d -> %d",
             run.name, self.env.world_size, t.backend,
@@ -299,88 +269,68 @@ class Trainer:
             return self._loop(end)
         finally:
             self.stop.restore()
-            if self.metrics is not None:
-                self.metrics.close()
+            self.metrics.close()
 
     def _loop(self, end: int) -> int:
-        run, t = self.run, self.run.trainer
-        tokens_per_step = run.schedule.global_batch_size * run.data.seq_len
-        bar = None
-        if self.env.rank == 0 and t.progress_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=run.schedule.max_steps, initial=self.step, desc=run.name, dynamic_ncols=True,
-                       file=sys.stderr)
+        """The paper's loop: step, count a non-finite step, log, validate, stop on a signal, save."""
         it = iter(self.loader)
         self.engine.train(True)
-        consecutive_bad = 0
-        window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
         last_saved = self.step if self.find_checkpoint_at(self.step) else -1
-        stopped = False
         while self.step < end:
-            t0 = time.perf_counter()
-            batches = self._next_batches(it)
-            window_wait += time.perf_counter() - t0
+            with self.metrics.waiting():
+                batches = self._next_batches(it)
             lr = self.engine.lr
             loss, applied, stop = self.train_step(batches)
             self.step += 1
-            window_steps += 1
-            if not applied:
-                self.skipped_steps += 1
-                consecutive_bad += 1
-                log.warning("step %d: non-finite loss or gradient norm on some rank: update skipped "
-                            "(%d in a row, %d in all)", self.step, consecutive_bad, self.skipped_steps)
-                if consecutive_bad >= t.max_consecutive_nonfinite:
-                    log.error("stopping: %d non-finite steps in a row (trainer.max_consecutive_nonfinite=%d); "
-                              "no checkpoint written, the newest one is still the last good state",
-                              consecutive_bad, t.max_consecutive_nonfinite)
-                    return distributed.EXIT_NONFINITE
-            else:
-                consecutive_bad = 0
-            if self.step % t.log_every == 0 or self.step == end or stop:
-                now = time.perf_counter()
-                elapsed = now - window_start
-                tok_s = tokens_per_step * window_steps / elapsed
-                record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
-                          "data_wait": window_wait / elapsed, "skipped_steps": self.skipped_steps,
-                          "epoch": self.loader.epoch}
-                if self.engine.last_grad_norm is not None:
-                    record["grad_norm"] = self.engine.last_grad_norm
-                if self.peak_flops:
-                    record["mfu"] = mfu(tok_s, self.flops_per_token, self.peak_flops)
-                if self.metrics is not None:
-                    self.metrics.write(record)
-                if bar is not None:
-                    post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
-                    if "mfu" in record:
-                        post["mfu"] = f"{record['mfu']:.1%}"
-                    bar.set_postfix(post, refresh=False)
-                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-            if bar is not None:
-                bar.update(1)
-            if self.valid is not None and ((t.eval_every and self.step % t.eval_every == 0) or self.step == end):
-                metrics = self.validate()
-                log.info("step %d: %s", self.step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                if self.metrics is not None:
-                    self.metrics.write({"step": self.step, **metrics})
+            self.metrics.advance()
+            if not self.count_step(applied):
+                return distributed.EXIT_NONFINITE
+            if self.metrics.should_log(self.step, end, stop):
+                self.metrics.log(self.step, loss=loss, lr=lr, skipped_steps=self.skipped_steps,
+                                 epoch=self.loader.epoch, grad_norm=self.engine.last_grad_norm)
+            if self.should_validate(end):
+                self.metrics.log_validation(self.step, self.validate())
             if stop:
                 log.info("stopped by signal (%s on some rank) after step %d: writing a checkpoint",
                          self.stop.signal_name or "another rank", self.step)
-                stopped = True
-                break
-            if t.save_every and self.step % t.save_every == 0 and self.step != end:
+                if last_saved != self.step:
+                    self.save()
+                log.info("stopped by signal: checkpoint at step %d written; exit %d (resume with "
+                         "trainer.resume=auto)", self.step, distributed.EXIT_STOPPED)
+                return distributed.EXIT_STOPPED
+            if self.should_save(end):
                 self.save()
                 last_saved = self.step
-        if bar is not None:
-            bar.close()
         if last_saved != self.step:
             self.save()
-        if stopped:
-            log.info("stopped by signal: checkpoint at step %d written; exit %d (resume with trainer.resume=auto)",
-                     self.step, distributed.EXIT_STOPPED)
-            return distributed.EXIT_STOPPED
         log.info("done: step %d", self.step)
         return 0
+
+    def count_step(self, applied: bool) -> bool:
+        """Count a skipped (non-finite) step; False once `trainer.max_consecutive_nonfinite` come in a row."""
+        if applied:
+            self.consecutive_nonfinite = 0
+            return True
+        t = self.run.trainer
+        self.skipped_steps += 1
+        self.consecutive_nonfinite += 1
+        log.warning("step %d: non-finite loss or gradient norm on some rank: update skipped (%d in a row, %d in "
+                    "all)", self.step, self.consecutive_nonfinite, self.skipped_steps)
+        if self.consecutive_nonfinite < t.max_consecutive_nonfinite:
+            return True
+        log.error("stopping: %d non-finite steps in a row (trainer.max_consecutive_nonfinite=%d); no checkpoint "
+                  "written, the newest one is still the last good state", self.consecutive_nonfinite,
+                  t.max_consecutive_nonfinite)
+        return False
+
+    def should_validate(self, end: int) -> bool:
+        every = self.run.trainer.eval_every
+        return self.valid is not None and ((every and self.step % every == 0) or self.step == end)
+
+    def should_save(self, end: int) -> bool:
+        """Every `trainer.save_every` steps; the last step's checkpoint is written after the loop."""
+        every = self.run.trainer.save_every
+        return bool(every) and self.step % every == 0 and self.step != end
 
     def find_checkpoint_at(self, step: int) -> bool:
         """Whether a complete checkpoint of `step` already exists (a resumed run that is already done)."""
@@ -398,19 +348,19 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("pretrain").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def build_trainer(cfg: DictConfig) -> Trainer:
+def build_trainer(cfg: DictConfig, trainer_cls: type[Trainer] | None = None) -> Trainer:
     """Validate the composed config, set up logging and the process group, build the Trainer."""
     env = distributed.detect()
     setup_logging(env.rank)
     run_cfg = to_run_config(cfg, env.world_size)
     device = distributed.select_device(env, run_cfg.system.device)
     distributed.init(env, device, run_cfg.system.dist_timeout_s, use_deepspeed=run_cfg.trainer.backend == "deepspeed")
-    return Trainer(run_cfg, cfg, env, device)
+    return (trainer_cls or Trainer)(run_cfg, cfg, env, device)
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: DictConfig, trainer_cls: type[Trainer] | None = None) -> int:
     """Validate, set up the process group, train; returns the exit code (0, 3 or 75)."""
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, trainer_cls)
     code = trainer.fit()
     if code == distributed.EXIT_STOPPED:
         trainer.stop.hand_over()  # a launcher's own handler (submitit: requeue) now that the checkpoint is written

@@ -36,7 +36,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_group_option_composes_and_validates(group):
     for option in options(group):
-        cfg = composed(f"{group}={option}", "data.corpus=/nonexistent", "schedule.global_batch_size=256")
+        cfg = composed(f"{group}={option}", "data.corpus=/nonexistent", "data.tokenizer=/t", "schedule.global_batch_size=256")
         run = to_run_config(cfg, world_size=1, check_corpus=False)
         assert run.system.grad_accum >= 1
 
@@ -44,13 +44,14 @@ def test_every_group_option_composes_and_validates(group):
 @pytest.mark.parametrize("experiment", ["debug", "roberta_base", "roberta_large"])
 def test_every_experiment_composes_and_validates(experiment):
     assert experiment in options("experiment")
-    cfg = composed(f"experiment={experiment}", "data.corpus=/nonexistent")
+    cfg = composed(f"experiment={experiment}", *([] if experiment == "debug" else ["data.corpus=/nonexistent",
+                                                                                   "data.tokenizer=/t"]))
     run = to_run_config(cfg, world_size=8 if experiment != "debug" else 1, check_corpus=False)
     assert run.name == experiment
 
 
 def test_roberta_large_is_the_paper():
-    run = to_run_config(composed("experiment=roberta_large", "data.corpus=/c"), world_size=32, check_corpus=False)
+    run = to_run_config(composed("experiment=roberta_large", "data.corpus=/c", "data.tokenizer=/t"), world_size=32, check_corpus=False)
     assert (run.schedule.max_steps, run.schedule.warmup_steps, run.schedule.final_lr) == (500_000, 30_000, 0.0)
     assert run.optim.lr == 4e-4 and (run.optim.beta1, run.optim.beta2, run.optim.eps) == (0.9, 0.98, 1e-6)
     assert run.optim.weight_decay == 0.01 and run.optim.grad_clip == 0.0
@@ -63,7 +64,7 @@ def test_roberta_large_is_the_paper():
 
 
 def test_roberta_base_differs_from_large_in_lr_warmup_and_model():
-    run = to_run_config(composed("experiment=roberta_base", "data.corpus=/c"), world_size=8, check_corpus=False)
+    run = to_run_config(composed("experiment=roberta_base", "data.corpus=/c", "data.tokenizer=/t"), world_size=8, check_corpus=False)
     assert run.optim.lr == 6e-4 and run.schedule.warmup_steps == 24_000 and run.model.hidden_size == 768
     assert run.schedule.max_steps == 500_000 and run.optim.beta2 == 0.98
 
@@ -94,19 +95,19 @@ def test_hydra_does_not_change_the_working_directory():
 
 def test_unknown_key_fails_naming_it():
     with pytest.raises(ConfigCompositionException) as e:
-        composed("data.corpus=/c", "optim.learning_rate=1")
+        composed("data.corpus=/c", "data.tokenizer=/t", "optim.learning_rate=1")
     assert "learning_rate" in str(e.value.__cause__ or e.value)
 
 
 def test_wrong_type_fails_naming_the_key():
     with pytest.raises(ConfigCompositionException) as e:
-        composed("data.corpus=/c", "schedule.max_steps=many")
+        composed("data.corpus=/c", "data.tokenizer=/t", "schedule.max_steps=many")
     assert "max_steps" in str(e.value.__cause__ or e.value)
 
 
 def test_unknown_model_key_fails():
     with pytest.raises(ConfigCompositionException) as e:
-        composed("data.corpus=/c", "model.hidden=3")
+        composed("data.corpus=/c", "data.tokenizer=/t", "model.hidden=3")
     assert "hidden" in str(e.value.__cause__ or e.value)
 
 
@@ -116,12 +117,12 @@ def test_missing_corpus_fails_naming_it():
 
 
 def test_global_batch_must_factor():
-    cfg = composed("data.corpus=/c", "schedule.global_batch_size=16", "system.micro_batch_size=4",
+    cfg = composed("data.corpus=/c", "data.tokenizer=/t", "schedule.global_batch_size=16", "system.micro_batch_size=4",
                    "system.grad_accum=3")
     with pytest.raises(ConfigError, match=r"global_batch_size=16 .*micro_batch_size=4 .*grad_accum=3 .*world_size=1"):
         to_run_config(cfg, world_size=1, check_corpus=False)
     with pytest.raises(ConfigError, match=r"global_batch_size=16 is not a multiple .*micro_batch_size=4 .*world_size=3"):
-        to_run_config(composed("data.corpus=/c", "schedule.global_batch_size=16", "system.micro_batch_size=4"),
+        to_run_config(composed("data.corpus=/c", "data.tokenizer=/t", "schedule.global_batch_size=16", "system.micro_batch_size=4"),
                       world_size=3, check_corpus=False)
 
 
@@ -132,7 +133,7 @@ def test_grad_accum_is_derived():
 
 def test_seq_len_above_max_positions_fails():
     with pytest.raises(ConfigError, match=r"data.seq_len=513 .*max_positions - 2 = 512"):
-        to_run_config(composed("data.corpus=/c", "data.seq_len=513"), world_size=1, check_corpus=False)
+        to_run_config(composed("data.corpus=/c", "data.tokenizer=/t", "data.seq_len=513"), world_size=1, check_corpus=False)
 
 
 @pytest.mark.parametrize("override,key", [
@@ -144,20 +145,20 @@ def test_seq_len_above_max_positions_fails():
 ])
 def test_choices_and_ranges_fail_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        to_run_config(composed("data.corpus=/c", override), world_size=1, check_corpus=False)
+        to_run_config(composed("data.corpus=/c", "data.tokenizer=/t", override), world_size=1, check_corpus=False)
 
 
 def test_torch_backend_refuses_several_ranks():
     with pytest.raises(ConfigError, match="trainer.backend=torch"):
-        to_run_config(composed("data.corpus=/c", "trainer.backend=torch", "schedule.global_batch_size=32"),
+        to_run_config(composed("data.corpus=/c", "data.tokenizer=/t", "trainer.backend=torch", "schedule.global_batch_size=32"),
                       world_size=2, check_corpus=False)
 
 
 def test_model_vocab_must_match_the_corpus(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"format_version": 1, "tokenizer_hash": "x", "vocab_size": 50265, "dtype": "uint16", "splits": {}}))
-    with pytest.raises(ConfigError, match=r"model.vocab_size=8192 .*vocab_size=50265"):
-        to_run_config(composed(f"data.corpus={tmp_path}"), world_size=1)
+    with pytest.raises(ConfigError, match=r"vocab_size=50265, but model.vocab_size=8192"):
+        to_run_config(composed(f"data.corpus={tmp_path}", "data.tokenizer=/t"), world_size=1)
 
 
 def test_cli_refuses_a_bad_setting_with_exit_code_2(tmp_path):
@@ -166,3 +167,24 @@ def test_cli_refuses_a_bad_setting_with_exit_code_2(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "data.seq_len=600" in proc.stdout + proc.stderr
+
+
+def test_a_plain_run_says_what_to_pass_and_a_run_needs_its_tokenizer():
+    with pytest.raises(ConfigError, match=r"data.corpus: required.*data.tokenizer=<tokenizer dir>.*make demo"):
+        to_run_config(composed(), world_size=1, check_corpus=False)
+    with pytest.raises(ConfigError, match="data.tokenizer is required"):
+        to_run_config(composed("data.corpus=/c"), world_size=1, check_corpus=False)
+    with pytest.raises(ConfigError, match=r"data.corpus=demo_out/corpus: .*no manifest.*built by `make demo`"):
+        to_run_config(composed("experiment=debug", "data.corpus=demo_out/corpus"), world_size=1)
+
+
+def test_the_debug_experiment_uses_its_groups_as_they_are():
+    """experiment/debug.yaml selects schedule=debug and system=cpu and overrides none of their values."""
+    import yaml
+
+    debug = yaml.safe_load((CONF / "experiment" / "debug.yaml").read_text())
+    assert "schedule" not in debug and "system" not in debug
+    run = to_run_config(composed("experiment=debug"), world_size=1, check_corpus=False)
+    schedule = yaml.safe_load((CONF / "schedule" / "debug.yaml").read_text())
+    assert (run.schedule.max_steps, run.schedule.warmup_steps, run.schedule.global_batch_size) == (
+        schedule["max_steps"], schedule["warmup_steps"], schedule["global_batch_size"])

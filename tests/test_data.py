@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.model import IGNORE_INDEX
 from data_prep.corpus import Corpus, write_manifest
 from data_prep.shards import CorpusError, ShardWriter, token_dtype
 from pretrain.config import ConfigError
@@ -20,7 +21,7 @@ from pretrain.data import (
     load_block_index,
     word_starts,
 )
-from pretrain.masking import IGNORE_INDEX, MaskingConfig, word_start_table
+from pretrain.masking import MaskingConfig, word_start_table
 
 VOCAB = 300
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": VOCAB - 1}

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from pretrain.masking import IGNORE_INDEX, Masker, MaskingConfig, word_start_table
+from core.model import IGNORE_INDEX
+from pretrain.masking import Masker, MaskingConfig, word_start_table
 
 VOCAB = 50265
 SPECIALS = {"bos": 0, "pad": 1, "eos": 2, "unk": 3, "mask": VOCAB - 1}

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/train_runner.py spec.json      # or plain `python` for one process
 
-`spec.json`: {"runs": [{"name": str, "overrides": [Hydra overrides...]}, ...], "result": path}. Each run
+`spec.json`: {"runs": [{"name": str, "overrides": [Hydra overrides...], "inject_nan": [step, rank]
+(optional)}, ...], "result": path}. Each run
 is composed from conf/pretrain.yaml and trained by `pretrain.train.run` in this process, one after the
 other; rank 0 writes {name: exit code} to `result`. An exception on any rank ends the process at once
 with exit code 1 (so that torchrun stops the other ranks instead of letting them wait).
@@ -50,13 +51,30 @@ def golden_overrides(corpus: str, tokenizer: str, output_dir: str) -> list[str]:
     ]
 
 
+def nan_injecting_trainer(step: int, rank: int) -> type:
+    """A Trainer whose loss of `step` (1-based, as logged) is NaN on `rank` (-1: every rank): the fault
+    injection of the non-finite tests, kept out of the shipped config."""
+    from pretrain.train import Trainer
+
+    class NaNAtStep(Trainer):
+        def micro_batch_loss(self, batch):
+            loss = super().micro_batch_loss(batch)
+            if self.step + 1 == step and rank in (-1, self.env.rank):
+                loss = loss * float("nan")
+            return loss
+
+    return NaNAtStep
+
+
 def run_all(runs: list[dict]) -> dict[str, int]:
+    """Each spec: {"name", "overrides", optional "inject_nan": [step, rank]}."""
     from pretrain.train import run
 
     results = {}
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for spec in runs:
-            results[spec["name"]] = run(compose("pretrain", overrides=spec["overrides"]))
+            trainer_cls = nan_injecting_trainer(*spec["inject_nan"]) if "inject_nan" in spec else None
+            results[spec["name"]] = run(compose("pretrain", overrides=spec["overrides"]), trainer_cls)
     return results
 
 
