@@ -43,7 +43,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -190,6 +190,92 @@ def find_resumable(root: str | os.PathLike, check_hashes: bool = True) -> tuple[
             return path, passed_over
         passed_over.append(f"{path}: {why}")
     return None, passed_over
+
+
+# ---------------------------------------------------------------------------------------------------
+# the manager: what the trainer saves and loads, through state_dict() / load_state_dict()
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class EngineFiles(Protocol):
+    """A training engine's own files (the torch backend's model.pt..., DeepSpeed's deepspeed/ tag)."""
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
+class CheckpointManager:
+    """The checkpoints of one run, under `<output_dir>/checkpoints/` (the layout at the top of this
+    module). Every rank calls `save` and `load`:
+
+        manager = CheckpointManager(root, rank, keep_last, engine, trainer=trainer, per_rank={"loader": loader},
+                                    run_config=lambda: resolved_yaml)
+        manager.save(step)            # engine files, rank_XXXXX.pt, trainer_state.json, config.yaml, checkpoint.json
+        path = manager.find("auto")   # rank 0 decides (passing over incomplete ones, saying why), all ranks agree
+        manager.load(path)            # the engine, then each object's load_state_dict, then the RNG states
+
+    `trainer` is saved by rank 0 as JSON (its state_dict must be JSON-able) and loaded on every rank;
+    `per_rank` objects are saved by each rank with its RNG states.
+    """
+
+    def __init__(self, root: str | os.PathLike, rank: int, keep_last: int, engine: EngineFiles, *,
+                 trainer: Stateful, per_rank: dict[str, Stateful], run_config: Callable[[], str]):
+        self.root, self.rank, self.keep_last = Path(root), rank, keep_last
+        self.engine, self.trainer, self.per_rank, self.run_config = engine, trainer, per_rank, run_config
+
+    def save(self, step: int) -> Path:
+        def write(directory: Path) -> None:
+            self.engine.save(directory)
+            torch.save({"rng": rng_state(), **{k: v.state_dict() for k, v in self.per_rank.items()}},
+                       directory / RANK_STATE.format(self.rank))
+            if self.rank == 0:
+                (directory / RUN_CONFIG).write_text(self.run_config())
+                (directory / TRAINER_STATE).write_text(json.dumps(self.trainer.state_dict(), indent=1) + "\n")
+
+        return save(self.root, step, write, self.keep_last)
+
+    def has(self, step: int) -> bool:
+        """Whether a complete checkpoint of `step` exists (a resumed run that is already done)."""
+        path = self.root / step_dir_name(step)
+        return path.is_dir() and (path / CHECKPOINT_JSON).is_file()
+
+    def find(self, resume: str, verify: bool = True) -> Path | None:
+        """`resume`: `auto` (the newest complete checkpoint, or None), `none`, or a checkpoint path
+        (CheckpointError when it is not complete). Rank 0 decides; every rank gets the same answer."""
+        chosen: str | None = None
+        error: str | None = None
+        if self.rank == 0 and resume != "none":
+            if resume == "auto":
+                path, passed_over = find_resumable(self.root, verify)
+                for line in passed_over:
+                    log.warning("resume=auto passes over %s", line)
+                chosen = None if path is None else str(path)
+            else:
+                why = problem(resume, verify)
+                if why is not None:
+                    error = f"trainer.resume={resume}: cannot resume from it: {why}"
+                chosen = resume
+        if dist.is_available() and dist.is_initialized():
+            box = [(chosen, error)]
+            dist.broadcast_object_list(box, src=0)
+            chosen, error = box[0]
+        if error:
+            raise CheckpointError(error)
+        return None if chosen is None else Path(chosen)
+
+    def load(self, path: Path) -> None:
+        self.trainer.load_state_dict(json.loads((path / TRAINER_STATE).read_text()))  # may refuse first
+        self.engine.load(path)
+        state = torch.load(path / RANK_STATE.format(self.rank), weights_only=False)
+        for key, obj in self.per_rank.items():
+            obj.load_state_dict(state[key])
+        set_rng_state(state["rng"])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,12 +23,11 @@ Outputs in the run directory (`trainer.output_dir`, default Hydra's `outputs/<na
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -129,61 +128,43 @@ class Trainer:
         self.peak_flops = None if peak is None else peak * env.world_size
         self.consecutive_nonfinite = 0
         self.metrics: StepMetrics  # set by fit()
+        self.checkpoints = checkpoint.CheckpointManager(
+            self.ckpt_root, env.rank, run.trainer.keep_last, self.engine, trainer=self,
+            per_rank={"loader": self.loader}, run_config=lambda: resolved_yaml(cfg))
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
 
     def save(self) -> Path:
-        run, rank = self.run, self.env.rank
-
-        def write(directory: Path) -> None:
-            self.engine.save(directory)
-            torch.save({"rng": checkpoint.rng_state(), "loader": self.loader.state_dict()},
-                       directory / checkpoint.RANK_STATE.format(rank))
-            if rank == 0:
-                (directory / checkpoint.RUN_CONFIG).write_text(resolved_yaml(self.cfg))
-                state = {"step": self.step, "world_size": self.env.world_size, "backend": run.trainer.backend,
-                         "skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_id}
-                (directory / checkpoint.TRAINER_STATE).write_text(json.dumps(state, indent=1) + "\n")
-
-        path = checkpoint.save(self.ckpt_root, self.step, write, run.trainer.keep_last)
+        path = self.checkpoints.save(self.step)
         log.info("checkpoint: step %d -> %s", self.step, path)
         return path
 
-    def find_checkpoint(self) -> Path | None:
-        """Rank 0 picks the checkpoint (auto / a path / none) and tells the others."""
-        resume, verify = self.run.trainer.resume, self.run.trainer.verify_checkpoint
-        chosen: str | None = None
-        error: str | None = None
-        if self.env.rank == 0 and resume != "none":
-            if resume == "auto":
-                path, passed_over = checkpoint.find_resumable(self.ckpt_root, verify)
-                for line in passed_over:
-                    log.warning("resume=auto passes over %s", line)
-                chosen = None if path is None else str(path)
-            else:
-                why = checkpoint.problem(resume, verify)
-                if why is not None:
-                    error = f"trainer.resume={resume}: cannot resume from it: {why}"
-                chosen = resume
-        chosen, error = distributed.broadcast_object((chosen, error))
-        if error:
-            raise ResumeError(error)
-        return None if chosen is None else Path(chosen)
+    def state_dict(self) -> dict[str, Any]:
+        """What the trainer itself resumes from (trainer_state.json)."""
+        return {"step": self.step, "world_size": self.env.world_size, "backend": self.run.trainer.backend,
+                "skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_id}
 
-    def load(self, path: Path) -> None:
-        state = json.loads((path / checkpoint.TRAINER_STATE).read_text())
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["world_size"] != self.env.world_size or state["backend"] != self.run.trainer.backend:
             raise ResumeError(
-                f"{path}: saved by {state['world_size']} rank(s) with trainer.backend={state['backend']}; "
-                f"this run has {self.env.world_size} with trainer.backend={self.run.trainer.backend}"
+                f"saved by {state['world_size']} rank(s) with trainer.backend={state['backend']}; this run has "
+                f"{self.env.world_size} with trainer.backend={self.run.trainer.backend}"
             )
-        self.engine.load(path)
-        rank_state = torch.load(path / checkpoint.RANK_STATE.format(self.env.rank), weights_only=False)
-        self.loader.load_state_dict(rank_state["loader"])
-        checkpoint.set_rng_state(rank_state["rng"])
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.wandb_id = state.get("wandb_run_id")
+
+    def find_checkpoint(self) -> Path | None:
+        try:
+            return self.checkpoints.find(self.run.trainer.resume, self.run.trainer.verify_checkpoint)
+        except checkpoint.CheckpointError as e:
+            raise ResumeError(str(e)) from None
+
+    def load(self, path: Path) -> None:
+        try:
+            self.checkpoints.load(path)
+        except ResumeError as e:
+            raise ResumeError(f"{path}: {e}") from None
         log.info("resumed from %s at step %d", path, self.step)
 
     # ----------------------------------------------------------------------------------------------
@@ -275,7 +256,7 @@ class Trainer:
         """The paper's loop: step, count a non-finite step, log, validate, stop on a signal, save."""
         it = iter(self.loader)
         self.engine.train(True)
-        last_saved = self.step if self.find_checkpoint_at(self.step) else -1
+        last_saved = self.step if self.checkpoints.has(self.step) else -1
         while self.step < end:
             with self.metrics.waiting():
                 batches = self._next_batches(it)
@@ -331,11 +312,6 @@ class Trainer:
         """Every `trainer.save_every` steps; the last step's checkpoint is written after the loop."""
         every = self.run.trainer.save_every
         return bool(every) and self.step % every == 0 and self.step != end
-
-    def find_checkpoint_at(self, step: int) -> bool:
-        """Whether a complete checkpoint of `step` already exists (a resumed run that is already done)."""
-        path = self.ckpt_root / checkpoint.step_dir_name(step)
-        return path.is_dir() and (path / checkpoint.CHECKPOINT_JSON).is_file()
 
 
 def setup_logging(rank: int) -> None:

@@ -6,10 +6,12 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from core import checkpoint
-from core.checkpoint import CHECKPOINT_JSON, LATEST, find_resumable, problem, rng_state, set_rng_state
+from core.checkpoint import (CHECKPOINT_JSON, LATEST, CheckpointError, find_resumable, problem, rng_state,
+                             set_rng_state)
 
 
 def write_files(step: int):
@@ -73,3 +75,51 @@ def test_rng_state_round_trip():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+class _Box:
+    """A Stateful object (state_dict / load_state_dict) holding a dict."""
+
+    def __init__(self, **state):
+        self.state = state
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)
+
+
+class _Engine:
+    """An engine that writes one file of its own."""
+
+    def __init__(self, value: float):
+        self.w = torch.full((4,), value)
+
+    def save(self, directory):
+        torch.save(self.w, directory / "model.pt")
+
+    def load(self, directory):
+        self.w = torch.load(directory / "model.pt")
+
+
+def test_manager_round_trips_every_object_and_the_rng(tmp_path):
+    from core.checkpoint import CheckpointManager
+
+    def manager(engine, trainer, loader):
+        return CheckpointManager(tmp_path, 0, 2, engine, trainer=trainer, per_rank={"loader": loader},
+                                 run_config=lambda: "name: x\n")
+
+    saver = manager(_Engine(3.0), _Box(step=5), _Box(epoch=1, position=17))
+    torch.manual_seed(7)
+    path = saver.save(5)
+    expected = torch.rand(3)  # what the RNG gives after the save
+    assert saver.has(5) and not saver.has(4) and (path / "config.yaml").read_text() == "name: x\n"
+    assert saver.find("auto") == path and saver.find("none") is None
+    loader, trainer, engine = _Box(), _Box(), _Engine(0.0)
+    torch.manual_seed(99)
+    manager(engine, trainer, loader).load(path)
+    assert trainer.state == {"step": 5} and loader.state == {"epoch": 1, "position": 17}
+    assert torch.equal(engine.w, torch.full((4,), 3.0)) and torch.equal(torch.rand(3), expected)
+    with pytest.raises(CheckpointError, match="cannot resume from it: no checkpoint.json"):
+        saver.find(str(tmp_path / "step_00000009"))
