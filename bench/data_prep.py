@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
 
+from bench.report import report
 from core.cli import command
 from core.tokenizer import document_encoder, load_tokenizer
 from data_prep.build_corpus import BUILD_DIR, BuildCorpusArgs
@@ -159,11 +160,7 @@ def bench(args: BenchArgs) -> dict:
 
 @command("bench_data_prep", BenchArgs, refused=(RuntimeError, OSError))
 def main(args: BenchArgs) -> int:
-    result = bench(args)
-    for key, value in result.items():
-        print(f"{key:32s} {value}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    report(bench(args), args.out)
     return 0
 
 

@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.report import report
 from core.cli import command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,11 +141,7 @@ def bench(args: BenchServerArgs) -> dict:
 
 @command("bench_server", BenchServerArgs, refused=(RuntimeError, OSError))
 def main(args: BenchServerArgs) -> int:
-    result = bench(args)
-    for key, value in result.items():
-        print(f"{key:22s} {value}")
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    report(bench(args), args.out)
     return 0
 
 
