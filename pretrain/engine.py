@@ -1,6 +1,6 @@
 """The two training backends behind one small interface: DeepSpeed (ZeRO 0-3) and plain PyTorch.
 
-    engine = build_engine(run_cfg, model, optimizer, scheduler, device, grad_accum)
+    engine = build_engine(run_cfg, model, optimizer, scheduler, device)   # grad_accum: run_cfg.system
     out = engine.forward(batch)                    # MaskedLMOutput, loss summed over masked tokens
     engine.backward(out.loss * engine.grad_scale / global_count)   # then, per micro-batch:
     engine.micro_step(boundary, skip)              # at the boundary: the optimizer step (or a skip)
