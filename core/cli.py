@@ -27,6 +27,7 @@ import functools
 import inspect
 import sys
 import textwrap
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,13 +87,29 @@ def _help_page(config_name: str, schema: type) -> dict[str, str]:
     return {"app_name": config_name, "header": "", "footer": "", "template": escaped}
 
 
+def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
+    """Keys of `cfg` that `schema` (a dataclass, nested dataclasses followed) does not have: Hydra's
+    `+key=value` adds keys even to a typed config, and OmegaConf.to_object would drop them silently."""
+    if not isinstance(cfg, DictConfig) or not dataclasses.is_dataclass(schema):
+        return []
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in cfg.keys():
+        if key not in fields:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints.get(str(key))):
+            found += unknown_keys(cfg[key], hints[str(key)], f"{prefix}{key}.")
+    return found
+
+
 def to_args(cfg: DictConfig, schema: type[T]) -> T:
     """The composed config as the schema's dataclass (its `__post_init__` validates): ValueError naming
     the key on a bad value."""
-    known = {f.name for f in dataclasses.fields(schema)}
-    unknown = sorted(set(cfg.keys()) - known)  # `+key=...` adds keys even to a typed config
+    unknown = unknown_keys(cfg, schema)
     if unknown:
-        raise ValueError(f"unknown key {', '.join(map(repr, unknown))} (the settings are: {', '.join(sorted(known))})")
+        known = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise ValueError(f"unknown key {', '.join(map(repr, unknown))} (the settings are: {known})")
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"{', '.join(missing)}: required; give {' '.join(k + '=...' for k in missing)}")

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from core import checkpoint
+from core.cli import unknown_keys
 from core.model import RobertaConfig
 from core.tokenizer import check_built_with
 from pretrain.masking import MaskingConfig
@@ -260,6 +261,10 @@ def to_run_config(cfg: DictConfig, world_size: int, check_corpus: bool = True) -
 
     Raises `ConfigError` (or the model's / masking's `ValueError`) naming the offending keys.
     """
+    unknown = unknown_keys(cfg, PretrainConfig)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)}: not in the schema (pretrain/config.py), "
+                          "added with `+`")
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
     if missing:
         raise ConfigError(

@@ -188,3 +188,18 @@ def test_the_debug_experiment_uses_its_groups_as_they_are():
     schedule = yaml.safe_load((CONF / "schedule" / "debug.yaml").read_text())
     assert (run.schedule.max_steps, run.schedule.warmup_steps, run.schedule.global_batch_size) == (
         schedule["max_steps"], schedule["warmup_steps"], schedule["global_batch_size"])
+
+
+def test_keys_added_with_plus_are_refused_too():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) trainer.nonexistent, extra"):
+        to_run_config(composed("data.corpus=/c", "data.tokenizer=/t", "+trainer.nonexistent=3", "+extra=1"),
+                      world_size=1, check_corpus=False)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=abc", "foo.bar=1", "+trainer.nonexistent=3"])
+def test_training_cli_exits_2_on_a_config_error(override, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "data.corpus=/c", "data.tokenizer=/t",
+                           f"trainer.output_dir={tmp_path}", override], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert override.lstrip("+").split("=")[0].split(".")[-1] in proc.stdout + proc.stderr
