@@ -308,9 +308,13 @@ class CheckpointError(ValueError):
     """A path that is not a usable checkpoint (or whose tokenizer does not fit); the message says why."""
 
 
-def resolve_checkpoint(path: str | os.PathLike, check_hashes: bool = False) -> Path:
+def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
     """The complete `step_*` directory that `path` names: the directory itself, the `latest` pointer
-    file, a `checkpoints/` directory (its `latest`), or a run directory (its `checkpoints/latest`)."""
+    file, a `checkpoints/` directory (its `latest`), or a run directory (its `checkpoints/latest`).
+
+    A checkpoint is valid only with its checkpoint.json and every file's size and sha256 as recorded
+    there: a file that differs is refused, named (CheckpointError). `verify=False` checks sizes only,
+    with a warning."""
     path = Path(path)
     if path.is_file() and path.name == LATEST:
         path = path.parent / path.read_text().strip()
@@ -321,7 +325,9 @@ def resolve_checkpoint(path: str | os.PathLike, check_hashes: bool = False) -> P
         path = root / (root / LATEST).read_text().strip()
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    why = problem(path, check_hashes=check_hashes)
+    if not verify:
+        log.warning("%s: verify=false: the files' sha256 are not checked against %s", path, CHECKPOINT_JSON)
+    why = problem(path, check_hashes=verify)
     if why is not None:
         raise CheckpointError(f"{path}: not a complete checkpoint: {why}")
     if not (path / RUN_CONFIG).is_file():
@@ -420,8 +426,8 @@ def is_hf_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
 
 
-def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None
-                             ) -> tuple[RobertaForMaskedLM, Tokenizer]:
+def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
+                             verify: bool = True) -> tuple[RobertaForMaskedLM, Tokenizer]:
     """Model (fp32, eval mode, CPU) and tokenizer from an HF directory (its own tokenizer files unless
     `tokenizer` is given) or from a checkpoint (anything `resolve_checkpoint` accepts)."""
     if is_hf_dir(path):
@@ -431,6 +437,6 @@ def load_model_and_tokenizer(path: str | os.PathLike, tokenizer: str | os.PathLi
             raise TokenizerError(f"{tokenizer or path}: {tok.get_vocab_size()} ids, but the model in {path} "
                                  f"has vocab_size={model.config.vocab_size}")
         return model, tok
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, verify)
     cfg = read_run_config(ckpt)
     return load_checkpoint_model(ckpt, model_config(cfg)), load_tokenizer(checkpoint_tokenizer_dir(cfg, tokenizer))

@@ -92,10 +92,10 @@ def check_settings(run_cfg: PretrainConfig) -> None:
             raise ConfigError(f"{key}={value!r} must be {wanted}")
 
 
-def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = ()) -> dict:
+def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), verify: bool = True) -> dict:
     """Evaluate the checkpoint `path` (anything `core.checkpoint.resolve_checkpoint` accepts) on its
     run's valid split, in one process; returns the summary (see the module docstring)."""
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, verify)
     run_cfg = load_run_config(ckpt, overrides)
     check_settings(run_cfg)
     env = distributed.detect({})  # one process, whatever launched us
@@ -131,6 +131,8 @@ class EvaluateArgs:
     """A step_* dir, a run dir, its checkpoints/ dir or its latest file."""
     output: Optional[str] = None
     """Where to write the JSON summary; null: <checkpoint>/eval.json."""
+    verify: bool = True
+    """Check every checkpoint file's sha256 against its checkpoint.json first (false: sizes only, warned)."""
     data: Dict[str, Any] = field(default_factory=dict)
     """Overrides of the run's `data.*` settings (`+data.valid_max_batches=0`)."""
     system: Dict[str, Any] = field(default_factory=dict)
@@ -144,7 +146,7 @@ class EvaluateArgs:
 
 @command("evaluate", EvaluateArgs, refused=(CheckpointError, ConfigError, CorpusError))
 def main(args: EvaluateArgs) -> int:
-    summary = evaluate_checkpoint(args.checkpoint, args.overrides())
+    summary = evaluate_checkpoint(args.checkpoint, args.overrides(), args.verify)
     output = Path(args.output) if args.output else Path(summary["checkpoint"]) / EVAL_JSON
     output.write_text(json.dumps(summary, indent=1) + "\n")
     json.dump(summary, sys.stdout, indent=1)

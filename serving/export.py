@@ -43,11 +43,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def export(checkpoint: str | Path, output_dir: str | Path, tokenizer: str | Path | None = None,
-           dtype: str = "fp32", overwrite: bool = False) -> dict:
+           dtype: str = "fp32", overwrite: bool = False, verify: bool = True) -> dict:
     """Write the HF directory of `checkpoint` into `output_dir`; returns a summary (what was written)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    ckpt = resolve_checkpoint(checkpoint)
+    ckpt = resolve_checkpoint(checkpoint, verify)
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output_dir={out} exists and is not empty (overwrite=true replaces it)")
@@ -86,6 +86,8 @@ class ExportArgs:
     """dtype of the saved weights: fp32 or bf16."""
     overwrite: bool = False
     """Replace a non-empty output_dir."""
+    verify: bool = True
+    """Check every checkpoint file's sha256 against its checkpoint.json first (false: sizes only, warned)."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -94,7 +96,7 @@ class ExportArgs:
 
 @command("export", ExportArgs, refused=(CheckpointError, HFCheckpointError, TokenizerError, FileExistsError))
 def main(args: ExportArgs) -> int:
-    summary = export(args.checkpoint, args.output_dir, args.tokenizer, args.dtype, args.overwrite)
+    summary = export(args.checkpoint, args.output_dir, args.tokenizer, args.dtype, args.overwrite, args.verify)
     json.dump(summary, sys.stdout, indent=1)
     sys.stdout.write("\n")
     return 0

@@ -49,6 +49,8 @@ class FillMaskArgs:
     """Server port; 0 picks a free one (printed)."""
     max_batch: int = 64
     """Most strings in one forward (the server batches concurrent requests up to it)."""
+    verify: bool = True
+    """Check every checkpoint file's sha256 against its checkpoint.json first (false: sizes only, warned)."""
 
     def __post_init__(self) -> None:
         if self.serve == (self.request is not None):
@@ -78,7 +80,7 @@ def read_request_text(source: str) -> str:
 def main(args: FillMaskArgs) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    masker = load_fill_masker(args.model, args.tokenizer, args.device, args.max_batch)
+    masker = load_fill_masker(args.model, args.tokenizer, args.device, args.max_batch, args.verify)
     masker.check_top_k(args.top_k)
     if args.serve:
         serve(masker, args.host, args.port, default_top_k=args.top_k, model_name=args.model)

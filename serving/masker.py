@@ -226,9 +226,9 @@ class FillMasker:
 
 
 def load_fill_masker(model: str | Path, tokenizer: str | Path | None = None, device: str = "cpu",
-                     max_batch: int = 64) -> FillMasker:
+                     max_batch: int = 64, verify: bool = True) -> FillMasker:
     """A `FillMasker` of an HF directory or a checkpoint (see `core.checkpoint.load_model_and_tokenizer`)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    net, tok = load_model_and_tokenizer(model, tokenizer)
+    net, tok = load_model_and_tokenizer(model, tokenizer, verify)
     return FillMasker(net, tok, device, max_batch)

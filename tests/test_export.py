@@ -129,3 +129,32 @@ def test_export_refuses_bad_inputs(runs, tmp_path, jargon_tokenizer, jargon_path
     with pytest.raises(TokenizerError, match="lacks \\['merges.txt'\\]"):
         export(runs["torch"], tmp_path / "o5", tokenizer=lacking)
     assert not any(p.name.startswith(("o1", "o2", "o3", "o4", "o5")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("run", ["torch", "zero0"])
+def test_readers_refuse_a_checkpoint_that_fails_its_sha256(runs, run, tmp_path):
+    """A flipped byte in the weights: export, evaluate and fill-mask refuse the checkpoint (exit 2, the file
+    named), as training's resume does; verify=false reads it anyway, with a warning."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(resolve_checkpoint(runs[run]), ckpt)
+    weights = ckpt / ("model.pt" if run == "torch" else "deepspeed/mp_rank_00_model_states.pt")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    rel = weights.relative_to(ckpt).as_posix()
+    sample = REPO / "tests" / "assets" / "fill_mask_request.json"
+    commands = {
+        "serving.export": [f"checkpoint={ckpt}", f"output_dir={tmp_path / 'hf'}"],
+        "pretrain.evaluate": [f"checkpoint={ckpt}", "+data.valid_max_batches=1", f"output={tmp_path / 'e.json'}"],
+        "serving.fill_mask": [f"model={ckpt}", f"request={sample}"],
+    }
+    for module, args in commands.items():
+        proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, (module, proc.stderr[-2000:])
+        assert f"file {rel}: sha256 differs" in proc.stderr and "Traceback" not in proc.stderr, module
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        export(ckpt, tmp_path / "hf")
+    summary = export(ckpt, tmp_path / "hf", verify=False)
+    assert summary["parameters"] > 0
