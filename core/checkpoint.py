@@ -153,26 +153,32 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def problem(path: str | os.PathLike, check_hashes: bool = True) -> str | None:
-    """Why checkpoint `path` cannot be resumed from, or None when it is complete."""
+    """Why checkpoint `path` cannot be resumed from, or None when it is complete. A file that cannot be
+    read (permissions, an I/O error) is a problem named like the others, never an exception."""
     path = Path(path)
     record_path = path / CHECKPOINT_JSON
-    if not record_path.is_file():
-        return f"no {CHECKPOINT_JSON} (the save did not finish)"
     try:
-        record = json.loads(record_path.read_text())
-        files = record["files"]
-        int(record["step"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        return f"{CHECKPOINT_JSON} is unreadable ({type(e).__name__}: {e})"
-    for rel, meta in files.items():
-        f = path / rel
-        if not f.is_file():
-            return f"file {rel} is missing"
-        size = f.stat().st_size
-        if size != meta["bytes"]:
-            return f"file {rel} has {size} bytes, {CHECKPOINT_JSON} says {meta['bytes']} (truncated?)"
-        if check_hashes and file_sha256(f) != meta["sha256"]:
-            return f"file {rel}: sha256 differs from {CHECKPOINT_JSON} (corrupt)"
+        if not record_path.is_file():
+            return f"no {CHECKPOINT_JSON} (the save did not finish)"
+        try:
+            record = json.loads(record_path.read_text())
+            files = record["files"]
+            int(record["step"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            return f"{CHECKPOINT_JSON} is unreadable ({type(e).__name__}: {e})"
+        for rel, meta in files.items():
+            f = path / rel
+            if not f.is_file():
+                return f"file {rel} is missing"
+            size = f.stat().st_size
+            if size != meta["bytes"]:
+                return f"file {rel} has {size} bytes, {CHECKPOINT_JSON} says {meta['bytes']} (truncated?)"
+            if check_hashes and file_sha256(f) != meta["sha256"]:
+                return f"file {rel}: sha256 differs from {CHECKPOINT_JSON} (corrupt)"
+            if not check_hashes and not os.access(f, os.R_OK):
+                return f"file {rel} is not readable (permissions)"
+    except OSError as e:
+        return f"unreadable: {type(e).__name__}: {e.strerror or e} ({e.filename or path})"
     return None
 
 

@@ -70,8 +70,14 @@ def build_tokenizer(args: BuildTokenizerArgs) -> dict:
                 iter_documents(paths, stats, max_bytes=args.max_bytes, progress=bar),
                 args.vocab_size, args.min_frequency,
             )
+        except TokenizerError:
+            if stats.documents:
+                raise
         finally:
             bar.close()
+        if stats.documents == 0:  # whatever the trainer said: an empty stream trains nothing
+            raise InputError(f"the input holds no documents ({len(paths)} files, {stats.skipped_empty} empty "
+                             "documents skipped): nothing to train a tokenizer on")
         summary = {"input_files": len(paths), **stats.as_dict()}
     out = save_tokenizer(tok, args.output_dir)
     summary.update(

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from core import checkpoint
 from core.cli import EXIT_BAD_INPUT, hydra_app
@@ -160,7 +160,28 @@ class Trainer:
         except checkpoint.CheckpointError as e:
             raise ResumeError(str(e)) from None
 
+    RESUME_MUST_MATCH = (
+        *(f"model.{k}" for k in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size",
+                                  "max_positions", "pad_token_id", "type_vocab_size", "pad_vocab_multiple")),
+        "data.seq_len", "data.packing", "schedule.global_batch_size",
+    )
+    """Settings a checkpoint fixes: the weights' shapes and the data order (the loader's position)."""
+
+    def check_resumable(self, path: Path) -> None:
+        """Refuse (ResumeError, exit 2) a checkpoint whose run fixed a setting this run changes, naming
+        both values, before any state is loaded."""
+        saved = OmegaConf.load(path / checkpoint.RUN_CONFIG)
+        differ = [(k, OmegaConf.select(saved, k), OmegaConf.select(self.cfg, k)) for k in self.RESUME_MUST_MATCH
+                  if OmegaConf.select(saved, k) != OmegaConf.select(self.cfg, k)]
+        if differ:
+            raise ResumeError(
+                f"{path} was trained with " + ", ".join(f"{k}={a}" for k, a, _ in differ) + "; this run has "
+                + ", ".join(f"{k}={b}" for k, _, b in differ)
+                + ": resume with the checkpoint's settings, or start afresh (trainer.resume=none)"
+            )
+
     def load(self, path: Path) -> None:
+        self.check_resumable(path)
         try:
             self.checkpoints.load(path)
         except ResumeError as e:

@@ -123,3 +123,22 @@ def test_manager_round_trips_every_object_and_the_rng(tmp_path):
     assert torch.equal(engine.w, torch.full((4,), 3.0)) and torch.equal(torch.rand(3), expected)
     with pytest.raises(CheckpointError, match="cannot resume from it: no checkpoint.json"):
         saver.find(str(tmp_path / "step_00000009"))
+
+
+def test_an_unreadable_file_is_a_problem_named_not_a_crash(tmp_path, monkeypatch):
+    """resume=auto passes over a newest checkpoint whose file cannot be read and names why (root reads a
+    chmod 000 file, so the permission error is raised where the file is read)."""
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, write_files(step), keep_last=5)
+    unreadable = tmp_path / "step_00000002" / "model.pt"
+    real = checkpoint.file_sha256
+
+    def sha256(path, *a):
+        if Path(path) == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *a)
+
+    monkeypatch.setattr(checkpoint, "file_sha256", sha256)
+    path, passed_over = find_resumable(tmp_path)
+    assert path == tmp_path / "step_00000001"
+    assert "unreadable: PermissionError: Permission denied" in passed_over[0] and "model.pt" in passed_over[0]

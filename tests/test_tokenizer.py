@@ -240,7 +240,10 @@ def test_missing_or_empty_input_fails_clearly(tmp_path):
     with pytest.raises(InputError, match="nope.txt: no such file"):
         build_tokenizer(BuildTokenizerArgs(output_dir=str(tmp_path / "o"), input=str(tmp_path / "nope.txt")))
     (tmp_path / "blank.txt").write_text("\n  \n\n")
-    with pytest.raises(TokenizerError, match="stopped at 260 of the 8191"):  # 4 specials + 256 bytes
-        build_tokenizer(BuildTokenizerArgs(output_dir=str(tmp_path / "o"), input=str(tmp_path / "blank.txt"),
-                                           vocab_size=8192, progress=False))
+    for vocab_size in (8192, 261):  # 261 was once suggested for it, and then built a tokenizer of nothing
+        with pytest.raises(InputError, match=r"the input holds no documents \(1 files"):
+            build_tokenizer(BuildTokenizerArgs(output_dir=str(tmp_path / "o"), input=str(tmp_path / "blank.txt"),
+                                               vocab_size=vocab_size, progress=False))
     assert not (tmp_path / "o" / "tokenizer.json").exists()
+    r = cli(f"input={tmp_path / 'blank.txt'}", f"output_dir={tmp_path / 'o'}", "vocab_size=261", "progress=false")
+    assert r.returncode == 2 and "no documents" in r.stderr

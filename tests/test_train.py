@@ -365,3 +365,31 @@ def test_sigusr1_on_one_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp_p
     path, _ = find_resumable(out / "checkpoints")
     assert path == ckpt(out, last)
     assert {p.name for p in path.iterdir()} >= {"rank_00000.pt", "rank_00001.pt", CHECKPOINT_JSON}
+
+
+def test_resume_with_another_shape_or_data_order_is_refused_naming_both(tmp_path, jargon_corpus, jargon_tokenizer,
+                                                                         monkeypatch):
+    """A checkpoint fixes the weights' shapes and the data order: a resume that changes them is refused at
+    start-up (ResumeError: exit 2 from the CLI) naming the keys and both values, and nothing is written."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.train import run
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    out = tmp_path / "run"
+    base = tiny(jargon_corpus, jargon_tokenizer, out, "trainer.backend=torch", "schedule.max_steps=4",
+                "trainer.stop_at_step=2")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        assert run(compose("pretrain", overrides=base)) == 0
+        before = sorted(p.name for p in (out / "checkpoints").iterdir())
+        for extra, message in [
+            (["model.hidden_size=32", "model.num_heads=2"],
+             r"trained with model.hidden_size=64; this run has model.hidden_size=32"),
+            (["model.num_layers=1"], r"model.num_layers=2; this run has model.num_layers=1"),
+            (["data.seq_len=16"], r"data.seq_len=32; this run has data.seq_len=16"),
+        ]:
+            with pytest.raises(ResumeError, match=message):
+                run(compose("pretrain", overrides=base + extra))
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+        assert run(compose("pretrain", overrides=base + ["model.hidden_dropout=0.0"])) == 0  # not a shape
