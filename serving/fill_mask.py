@@ -68,12 +68,15 @@ class FillMaskArgs:
 
 def read_request_text(source: str) -> str:
     """The request file's text, or stdin's for `-`."""
-    if source == "-":
-        return sys.stdin.read()
-    path = Path(source)
-    if not path.is_file():
-        raise RequestError(f"request={source}: no such file")
-    return path.read_text(encoding="utf-8")
+    try:
+        if source == "-":
+            return sys.stdin.buffer.read().decode("utf-8")
+        path = Path(source)
+        if not path.is_file():
+            raise RequestError(f"request={source}: no such file")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"request={source}: not UTF-8 ({e})") from None
 
 
 @command("fill_mask", FillMaskArgs, refused=(RequestError, CheckpointError, HFCheckpointError, TokenizerError))

@@ -134,6 +134,11 @@ def parse_request(obj: Any, default_top_k: int = DEFAULT_TOP_K) -> FillMaskReque
         body = FillMaskBody.model_validate(obj)
     except ValidationError as e:
         raise RequestError(_why(e.errors()[0])) from None
+    for i, text in enumerate(body.inputs.input_string):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(f"input_string[{i}] is not valid Unicode (a lone surrogate such as \\ud800)") from None
     top_k = body.parameters.top_k if body.parameters and body.parameters.top_k is not None else default_top_k
     return FillMaskRequest(strings=body.inputs.input_string, top_k=top_k)
 
@@ -144,6 +149,8 @@ def decode_request(body: bytes | str, default_top_k: int = DEFAULT_TOP_K) -> Fil
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("malformed JSON: nested too deeply") from None
     return parse_request(obj, default_top_k)
 
 

@@ -184,8 +184,10 @@ def create_app(masker: FillMasker, default_top_k: int = DEFAULT_TOP_K, model_nam
     async def score(request: Request) -> Any:
         """Top-k candidates for the one `<mask>` of each string, best first."""
         length = request.headers.get("content-length")
-        if length is None or not length.isdigit():
+        if length is None:
             return error(411, "a POST /score needs a Content-Length header")
+        if not (length.isascii() and length.isdigit()):
+            return error(400, f"Content-Length {length!r} is not a number of bytes")
         if int(length) > MAX_BODY_BYTES:
             return error(413, f"body of {length} bytes; the limit is {MAX_BODY_BYTES}")
         body = await request.body()

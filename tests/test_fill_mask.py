@@ -132,6 +132,8 @@ BAD_REQUESTS = [
     ('{"inputs": {"input_string": ["fine <mask>", "<mask> and <mask>"]}}',
      "input_string[1] has 2 <mask> tokens"),
     (json.dumps(request(["word " * 600 + "<mask>"])), "the model takes at most 512"),
+    ('{"inputs": {"input_string": ["bad \\ud800 <mask>"]}}', "input_string[0] is not valid Unicode"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ]
 
 
@@ -151,12 +153,16 @@ def test_longest_input_is_the_models_max_seq_len(masker):
         masker.encode([too_long])
 
 
-def test_cli_bad_request_exits_nonzero_with_message(ckpt):
+def test_cli_bad_request_exits_nonzero_with_message(ckpt, tmp_path):
     proc = run_cli(f"model={ckpt}", "request=-", stdin='{"inputs": {"input_string": ["<mask> and <mask>"]}}')
     assert proc.returncode == 2 and proc.stdout == ""
     assert "has 2 <mask> tokens; each string needs exactly one" in proc.stderr
     proc = run_cli(f"model={ckpt}", "request=/nonexistent.json")
     assert proc.returncode == 2 and "request=/nonexistent.json: no such file" in proc.stderr
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes('{"inputs": {"input_string": ["caf\u00e9 <mask>"]}}'.encode("latin-1"))
+    proc = run_cli(f"model={ckpt}", f"request={bad}")
+    assert proc.returncode == 2 and "not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli(f"model={ckpt}")  # neither request nor serve
     assert proc.returncode == 2 and "give request=" in proc.stderr
 
@@ -254,6 +260,14 @@ def test_server_refuses_oversized_and_unsized_bodies(server):
     conn.endheaders()
     resp = conn.getresponse()
     assert resp.status == 413 and "the limit is 1048576" in json.loads(resp.read())["error"]
+    conn.close()
+    conn = HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/score")
+    conn.putheader("Content-Length", "\u00b2".encode("utf-8"))  # '²': str.isdigit() says yes
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 400  # answered (by us or by the HTTP parser), not a 500 and not silence
+    resp.read()
     conn.close()
     conn = HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/score", body=iter([SAMPLE.read_bytes()]), encode_chunked=True,
