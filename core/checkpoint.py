@@ -324,11 +324,17 @@ def resolve_checkpoint(path: str | os.PathLike, verify: bool = True) -> Path:
     path = Path(path)
     if path.is_file() and path.name == LATEST:
         path = path.parent / path.read_text().strip()
-    elif path.is_dir() and (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
-    elif path.is_dir() and (path / "checkpoints" / LATEST).is_file():
-        root = path / "checkpoints"
-        path = root / (root / LATEST).read_text().strip()
+    elif path.is_dir() and not _STEP_DIR.match(path.name):
+        root = path if (path / LATEST).is_file() or complete_checkpoints(path) else path / "checkpoints"
+        if (root / LATEST).is_file():
+            path = root / (root / LATEST).read_text().strip()
+        elif complete_checkpoints(root):  # no `latest` (deleted, or a copy without it): the newest complete
+            newest, passed_over = find_resumable(root, check_hashes=False)
+            for line in passed_over:
+                log.warning("passing over %s", line)
+            if newest is None:
+                raise CheckpointError(f"{root}: no complete checkpoint ({'; '.join(passed_over)})")
+            path = newest
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if not verify:

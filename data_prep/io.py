@@ -68,6 +68,8 @@ def expand_inputs(spec: str | Iterable[str]) -> list[Path]:
             if not matches:
                 raise InputError(f"{item}: the pattern matches no file")
         else:
+            if Path(item).is_dir():
+                raise InputError(f"{item}: is a directory; give its files or a glob ('{item}/*.txt.gz')")
             if not Path(item).is_file():
                 raise InputError(f"{item}: no such file")
             matches = [Path(item)]

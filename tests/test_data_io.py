@@ -155,3 +155,11 @@ def test_block_reader_matches_the_line_by_line_definition(tmp_path):
     docs, stats = docs_of(p)
     assert docs == reference_txt_documents(data)
     assert stats.invalid_utf8 == 1
+
+
+def test_a_directory_as_input_says_so(tmp_path):
+    from data_prep.io import InputError, expand_inputs
+
+    (tmp_path / "texts").mkdir()
+    with pytest.raises(InputError, match=r"texts: is a directory; give its files or a glob"):
+        expand_inputs(str(tmp_path / "texts"))

@@ -158,3 +158,12 @@ def test_readers_refuse_a_checkpoint_that_fails_its_sha256(runs, run, tmp_path):
         export(ckpt, tmp_path / "hf")
     summary = export(ckpt, tmp_path / "hf", verify=False)
     assert summary["parameters"] > 0
+
+
+def test_a_run_dir_without_latest_reads_its_newest_complete_checkpoint(runs, tmp_path):
+    """With checkpoints/latest deleted, readers find the newest complete checkpoint, as training does."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["torch"], run)
+    newest = resolve_checkpoint(run)
+    (run / "checkpoints" / "latest").unlink()
+    assert resolve_checkpoint(run) == newest and resolve_checkpoint(run / "checkpoints") == newest
