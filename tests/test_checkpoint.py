@@ -10,8 +10,15 @@ import pytest
 import torch
 
 from core import checkpoint
-from core.checkpoint import (CHECKPOINT_JSON, LATEST, CheckpointError, find_resumable, problem, rng_state,
-                             set_rng_state)
+from core.checkpoint import (
+    CHECKPOINT_JSON,
+    LATEST,
+    CheckpointError,
+    find_resumable,
+    problem,
+    rng_state,
+    set_rng_state,
+)
 
 
 def write_files(step: int):
