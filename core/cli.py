@@ -27,7 +27,6 @@ import functools
 import inspect
 import sys
 import textwrap
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,17 +88,20 @@ def _help_page(config_name: str, schema: type) -> dict[str, str]:
 
 def unknown_keys(cfg: Any, schema: type, prefix: str = "") -> list[str]:
     """Keys of `cfg` that `schema` (a dataclass, nested dataclasses followed) does not have: Hydra's
-    `+key=value` adds keys even to a typed config, and OmegaConf.to_object would drop them silently."""
+    `+key=value` adds keys even to a typed config, and OmegaConf.to_object would drop them silently.
+    (Nested types come from the config nodes, not from annotations: a schema pickled by value into a
+    SLURM job, as submitit does with `__main__`, has annotations its new module cannot resolve.)"""
     if not isinstance(cfg, DictConfig) or not dataclasses.is_dataclass(schema):
         return []
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
+    fields = {f.name for f in dataclasses.fields(schema)}
     found = []
     for key in cfg.keys():
         if key not in fields:
             found.append(f"{prefix}{key}")
-        elif dataclasses.is_dataclass(hints.get(str(key))):
-            found += unknown_keys(cfg[key], hints[str(key)], f"{prefix}{key}.")
+            continue
+        child = cfg.get(key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            found += unknown_keys(child, OmegaConf.get_type(child), f"{prefix}{key}.")
     return found
 
 
