@@ -126,7 +126,23 @@ def _set_encoder(tok: Tokenizer) -> None:
     _DTYPE = token_dtype(tok.get_vocab_size())
 
 
+def _die_with_parent() -> None:
+    """Linux: this worker gets SIGKILL when the build process dies (even by kill -9), instead of being
+    left running; elsewhere nothing."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _init_worker(tokenizer_dir: str) -> None:
+    _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a worker process
     _set_encoder(load_tokenizer(tokenizer_dir))
 

@@ -39,6 +39,19 @@ class MetricsWriter:
     def __init__(self, path: Path, wandb_run: Any):
         self.path, self.wandb_run = path, wandb_run
 
+    def drop_after(self, step: int) -> int:
+        """A run resumed from `step` redoes the steps after it: drop their old records (a plot of the
+        file then shows each step once); returns how many were dropped."""
+        if not self.path.is_file():
+            return 0
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        return len(lines) - len(kept)
+
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -254,6 +254,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             wb, self.wandb_id = start_wandb(run, self.cfg, self.out, self.wandb_id)
             writer = MetricsWriter(self.out / "metrics.jsonl", wb)
+            dropped = writer.drop_after(self.step)
+            if dropped:
+                log.info("metrics.jsonl: %d records after step %d dropped (those steps are redone)", dropped,
+                         self.step)
         self.wandb_id = distributed.broadcast_object(self.wandb_id)
         self.metrics = StepMetrics(writer, name=run.name, log_every=t.log_every, max_steps=run.schedule.max_steps,
                                    tokens_per_step=run.schedule.global_batch_size * run.data.seq_len,

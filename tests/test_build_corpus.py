@@ -334,3 +334,27 @@ def test_imported_gpt2_vocabulary_builds_a_corpus(tmp_path):
     assert manifest["dtype"] == "uint16" and manifest["vocab_size"] == 50262
     docs = Corpus.open(out, "train")
     assert docs[0].tolist() == [15500, 999] and docs[0].dtype == np.dtype("<u2")
+
+
+def test_workers_die_with_a_killed_build(tmp_path, jargon_tokenizer, jargon_path):
+    """kill -9 of a workers=2 build leaves no worker process behind."""
+    import psutil
+
+    inputs = split_jargon(tmp_path, jargon_path, parts=12, max_docs=11857)
+    argv = [sys.executable, "-m", "data_prep.build_corpus", f"input=[{','.join(map(str, inputs))}]",
+            f"tokenizer={jargon_tokenizer}", f"output_dir={tmp_path / 'out'}", "workers=2", "batch_bytes=2000",
+            "progress=false"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 60
+    children: list = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        children = parent.children(recursive=True)
+        if sum("spawn_main" in " ".join(c.cmdline()) for c in children) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None and len(children) >= 2, "the workers did not start"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
