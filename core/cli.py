@@ -45,10 +45,6 @@ EXIT_BAD_INPUT = 2
 T = TypeVar("T")
 
 
-class Refused(Exception):
-    """Raised by a command for input it refuses (exit 2); a command may list its own error types too."""
-
-
 def schema_name(config_name: str) -> str:
     return f"{config_name}_schema"
 
@@ -158,8 +154,8 @@ def command(config_name: str, schema: type[T], refused: tuple[type[BaseException
     """Make `fn(args) -> exit code` the Hydra app of `conf/commands/<config_name>.yaml` with `schema` as
     its typed config. The returned `main()` reads sys.argv (Hydra's syntax) and exits with the convention
     above: a config Hydra cannot compose, a ValueError of the schema, or an error of a `refused` type
-    (or `Refused`) exits 2 with one line on stderr."""
-    errors = (ValueError, Refused, *refused)
+    exits 2 with one line on stderr."""
+    errors = (ValueError, *refused)
 
     def decorate(fn: Callable[[T], int | None]) -> Callable[[], None]:
         def task(cfg: DictConfig) -> None:

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from core import checkpoint
 from core.cli import EXIT_BAD_INPUT, hydra_app
 from core.model import IGNORE_INDEX, RobertaForMaskedLM
+from core.tokenizer import tokenizer_hash
 from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
 from pretrain import distributed
@@ -91,11 +92,7 @@ class Trainer:
         model.to(device)
         seed_everything(t.seed + distributed.SEED_STRIDE * (env.rank + 1))
 
-        tok_hash = None
-        if run.data.tokenizer:
-            from core.tokenizer import tokenizer_hash
-
-            tok_hash = tokenizer_hash(run.data.tokenizer)
+        tok_hash = tokenizer_hash(run.data.tokenizer)  # required: to_run_config refuses a run without it
         corpus = Corpus.open(run.data.corpus, "train", expect_tokenizer_hash=tok_hash)
         check_corpus(corpus, run.model.vocab_size, tok_hash)
         word_start = word_starts(run.data.masking, run.data.tokenizer)  # None unless whole-word masking
