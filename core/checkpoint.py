@@ -35,6 +35,7 @@ The typed run config (with overrides) is pretrain.config.load_run_config: the sc
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -100,21 +101,84 @@ def _list_files(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def save(root: str | os.PathLike, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
+class NoSpaceError(OSError):
+    """A checkpoint that could not be written for want of disk space; the partial directory is gone and
+    the newest complete checkpoint is untouched. The message names the path, the step and the size."""
+
+
+_MB = 2**20
+_NEARLY_FULL = 4 * _MB
+"""A write error with less than this free on the checkpoint's file system is "no space" (torch.save
+reports a full disk as a RuntimeError of its zip writer, not as ENOSPC)."""
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _out_of_space(e: BaseException, path: Path) -> bool:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return isinstance(e, (OSError, RuntimeError)) and _free_bytes(path) < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def _agree(error: str | None) -> str | None:
+    """The first rank's error, on every rank (None when no rank has one): ranks stop together."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def checkpoint_bytes(path: str | os.PathLike) -> int:
+    """The size of a complete checkpoint, from its checkpoint.json."""
+    return sum(meta["bytes"] for meta in json.loads((Path(path) / CHECKPOINT_JSON).read_text())["files"].values())
+
+
+def save(root: str | os.PathLike, step: int, write: Callable[[Path], None], keep_last: int,
+         needed_bytes: int = 0, known_size: bool = False) -> Path:
     """Write checkpoint `step` under `root` atomically; every rank calls this with its own `write(dir)`.
 
-    Returns the final directory (on every rank).
+    `needed_bytes`: about how much the checkpoint takes (said when the disk fills). With `known_size`
+    (an earlier checkpoint of the run measured it) the save is refused before writing when the file
+    system has less free. A full disk raises NoSpaceError on every rank, with the partial directory
+    removed. Returns the final directory (on every rank).
     """
     root = Path(root)
     name = step_dir_name(step)
     tmp = root / f".tmp-{name}"
     final = root / name
+
+    def no_space(free: int) -> str:
+        return (f"no space left on {root} while writing checkpoint step {step} (needs ~{needed_bytes / _MB:.0f} MB, "
+                f"{free / _MB:.0f} MB free); the newest complete checkpoint is untouched")
+
+    error = None
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crashed save of the same step
         tmp.mkdir(parents=True)
-    _barrier()
-    write(tmp)
+        free = _free_bytes(tmp)
+        if known_size and free < needed_bytes:
+            error = no_space(free)
+    error = _agree(error)
+    if error is None:
+        try:
+            write(tmp)
+        except (OSError, RuntimeError) as e:
+            if not _out_of_space(e, tmp):
+                raise
+            error = no_space(_free_bytes(tmp))
+        error = _agree(error)
+    if error is not None:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        raise NoSpaceError(errno.ENOSPC, error)
     _barrier()
     if _rank() == 0:
         record = {"step": step, "files": _list_files(tmp)}
@@ -227,12 +291,15 @@ class CheckpointManager:
         manager.load(path)            # the engine, then each object's load_state_dict, then the RNG states
 
     `trainer` is saved by rank 0 as JSON (its state_dict must be JSON-able) and loaded on every rank;
-    `per_rank` objects are saved by each rank with its RNG states.
+    `per_rank` objects are saved by each rank with its RNG states. `estimate_bytes` (about the size of
+    a checkpoint) is what a full disk's message says before the run has a checkpoint to measure; once it
+    has one, a save is refused up front when the disk has less free than that checkpoint took.
     """
 
     def __init__(self, root: str | os.PathLike, rank: int, keep_last: int, engine: EngineFiles, *,
-                 trainer: Stateful, per_rank: dict[str, Stateful], run_config: Callable[[], str]):
-        self.root, self.rank, self.keep_last = Path(root), rank, keep_last
+                 trainer: Stateful, per_rank: dict[str, Stateful], run_config: Callable[[], str],
+                 estimate_bytes: int = 0):
+        self.root, self.rank, self.keep_last, self.estimate_bytes = Path(root), rank, keep_last, estimate_bytes
         self.engine, self.trainer, self.per_rank, self.run_config = engine, trainer, per_rank, run_config
 
     def save(self, step: int) -> Path:
@@ -244,7 +311,13 @@ class CheckpointManager:
                 (directory / RUN_CONFIG).write_text(self.run_config())
                 (directory / TRAINER_STATE).write_text(json.dumps(self.trainer.state_dict(), indent=1) + "\n")
 
-        return save(self.root, step, write, self.keep_last)
+        needed, measured = self.estimate_bytes, False
+        if self.rank == 0:  # the newest checkpoint's size is the best estimate of the next one's
+            for _, path in complete_checkpoints(self.root):
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    needed, measured = checkpoint_bytes(path), True
+                    break
+        return save(self.root, step, write, self.keep_last, needed_bytes=needed, known_size=measured)
 
     def has(self, step: int) -> bool:
         """Whether a complete checkpoint of `step` exists (a resumed run that is already done)."""

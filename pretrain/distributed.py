@@ -30,6 +30,8 @@ EXIT_STOPPED = 75
 """Exit code of a run stopped by SIGUSR1/SIGUSR2/SIGTERM after writing its checkpoint (resume it)."""
 EXIT_NONFINITE = 3
 """Exit code of a run that saw `trainer.max_consecutive_nonfinite` non-finite steps in a row."""
+EXIT_NO_SPACE = 4
+"""Exit code of a run whose checkpoint did not fit on the disk (the newest complete one is intact)."""
 SEED_STRIDE = 1_000_003
 """A prime that spreads one seed over ranks: rank r draws from a seed a stride apart (data order
 workers, dropout), so no two ranks share a stream."""

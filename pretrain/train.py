@@ -15,8 +15,9 @@ one all-reduce before the optimizer step, so every rank takes the same decision:
     with code 75 ("stopped by signal"; resume with trainer.resume=auto).
 
 Exit codes: 0 done (max_steps, or trainer.stop_at_step), 2 refused at start-up (a bad setting, a corpus
-that does not fit the model, a checkpoint that cannot be resumed), 3 non-finite steps, 75 stopped by
-a signal after its checkpoint.
+that does not fit the model, a checkpoint that cannot be resumed), 3 non-finite steps, 4 no space left
+for a checkpoint (the partial one removed, the newest complete one intact), 75 stopped by a signal
+after its checkpoint.
 
 Outputs in the run directory (`trainer.output_dir`, default Hydra's `outputs/<name>`):
 `metrics.jsonl` (one JSON object per logged step and per validation), `checkpoints/`, `wandb/`.
@@ -50,6 +51,10 @@ from pretrain.metrics import MetricsWriter, StepMetrics, start_wandb
 from pretrain.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("pretrain.train")
+
+CHECKPOINT_BYTES_PER_PARAM = 16
+"""About what a checkpoint holds per parameter (fp32 weights and two Adam moments, 12 bytes; bf16
+copies under DeepSpeed): the size a full disk's message names before a first checkpoint measures it."""
 
 
 
@@ -127,7 +132,8 @@ class Trainer:
         self.metrics: StepMetrics  # set by fit()
         self.checkpoints = checkpoint.CheckpointManager(
             self.ckpt_root, env.rank, run.trainer.keep_last, self.engine, trainer=self,
-            per_rank={"loader": self.loader}, run_config=lambda: resolved_yaml(cfg))
+            per_rank={"loader": self.loader}, run_config=lambda: resolved_yaml(cfg),
+            estimate_bytes=CHECKPOINT_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()))
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
@@ -357,9 +363,13 @@ def build_trainer(cfg: DictConfig, trainer_cls: type[Trainer] | None = None) -> 
 
 
 def run(cfg: DictConfig, trainer_cls: type[Trainer] | None = None) -> int:
-    """Validate, set up the process group, train; returns the exit code (0, 3 or 75)."""
+    """Validate, set up the process group, train; returns the exit code (0, 3, 4 or 75)."""
     trainer = build_trainer(cfg, trainer_cls)
-    code = trainer.fit()
+    try:
+        code = trainer.fit()
+    except checkpoint.NoSpaceError as e:
+        log.error("%s; exit %d", e.strerror, distributed.EXIT_NO_SPACE)
+        return distributed.EXIT_NO_SPACE
     if code == distributed.EXIT_STOPPED:
         trainer.stop.hand_over()  # a launcher's own handler (submitit: requeue) now that the checkpoint is written
     return code

@@ -396,3 +396,48 @@ def test_resume_with_another_shape_or_data_order_is_refused_naming_both(tmp_path
                 run(compose("pretrain", overrides=base + extra))
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
         assert run(compose("pretrain", overrides=base + ["model.hidden_dropout=0.0"])) == 0  # not a shape
+
+
+# ---------------------------------------------------------------------------------------------------
+# a full disk: trainer.output_dir on a small tmpfs, mounted in a private mount namespace (unshare)
+
+
+def _in_small_tmpfs(mount: Path, size_mb: int, keep: Path, command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` with a `size_mb` tmpfs on `mount` (seen by it alone); what it left there is copied
+    to `keep` before the namespace (and the tmpfs) goes away."""
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    probe = subprocess.run([*unshare, "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {mount}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.decode()[-200:]}")
+    script = ('mount -t tmpfs -o size="$1" tmpfs "$2" && shift 3 && { "$@"; code=$?; cp -a "$0/." "$KEEP/"; '
+              'exit $code; }')
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return subprocess.run([*unshare, "sh", "-c", script.replace("$0/.", f"{mount}/."), str(mount), f"{size_mb}m",
+                           str(mount), "--", *command], cwd=REPO, env={**env, "KEEP": str(keep), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+
+
+@pytest.mark.parametrize("backend", ["torch", "deepspeed"])
+def test_a_full_disk_is_named_and_leaves_the_last_good_checkpoint(tmp_path, jargon_corpus, jargon_tokenizer, backend):
+    """A checkpoint that does not fit: exit 4 with "no space left on <dir> while writing checkpoint step N
+    (needs ~X MB ...)", no traceback, no partial .tmp-step_* left, the newest complete checkpoint intact.
+    The tiny model's checkpoint is ~8 MB (torch) / ~10 MB (DeepSpeed): 3 MB cannot hold the first one (it
+    fails while writing), 14 MB holds one but not two (the second is refused before writing)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    for size_mb, stop_at, first_good in [(3, 6, None), (14, 6, 2)]:
+        keep = tmp_path / f"kept_{size_mb}"
+        keep.mkdir()
+        overrides = tiny(jargon_corpus, jargon_tokenizer, mount / "run", f"trainer.backend={backend}",
+                         "schedule.max_steps=6", "trainer.save_every=2", "trainer.keep_last=3")
+        proc = _in_small_tmpfs(mount, size_mb, keep, [PY, "-m", "pretrain.train", *overrides])
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 4, out[-4000:]
+        failed_step = 2 if first_good is None else 4
+        assert f"no space left on {mount / 'run' / 'checkpoints'} while writing checkpoint step {failed_step} " \
+               "(needs ~" in out, out[-4000:]
+        assert "Traceback" not in out, out[-4000:]
+        left = sorted(p.name for p in (keep / "run" / "checkpoints").iterdir())
+        assert not [n for n in left if n.startswith(".tmp-")], left
+        path, passed_over = find_resumable(keep / "run" / "checkpoints")
+        assert path == (None if first_good is None else ckpt(keep / "run", first_good)) and not passed_over, left
