@@ -248,20 +248,34 @@ def save_hf(model: RobertaForMaskedLM, directory: str | os.PathLike) -> Path:
 
 def read_hf_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The tensors of an HF checkpoint directory: `model.safetensors`, a sharded safetensors index, or
-    `pytorch_model.bin` (read with `weights_only=True`), in that order of preference."""
+    `pytorch_model.bin` (read with `weights_only=True`), in that order of preference. A truncated or
+    corrupt file is an HFCheckpointError naming it."""
     from safetensors.torch import load_file
+
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            if path.suffix == ".bin":
+                return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        except Exception as e:  # safetensors' SafetensorError, torch's unpickling/zip errors, OSError
+            raise HFCheckpointError(f"{path}: unreadable ({type(e).__name__}: {e}); truncated or corrupt? "
+                                    "Export it again") from None
 
     directory = Path(directory)
     if (directory / SAFETENSORS_NAME).is_file():
-        return load_file(str(directory / SAFETENSORS_NAME))
+        return read(directory / SAFETENSORS_NAME)
     if (directory / SAFETENSORS_INDEX_NAME).is_file():
-        index = json.loads((directory / SAFETENSORS_INDEX_NAME).read_text())
+        try:
+            shards = sorted(set(json.loads((directory / SAFETENSORS_INDEX_NAME).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise HFCheckpointError(f"{directory / SAFETENSORS_INDEX_NAME}: unreadable ({type(e).__name__}: {e})") \
+                from None
         tensors: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            tensors.update(load_file(str(directory / shard)))
+        for shard in shards:
+            tensors.update(read(directory / shard))
         return tensors
     if (directory / PYTORCH_NAME).is_file():
-        return torch.load(directory / PYTORCH_NAME, map_location="cpu", weights_only=True)
+        return read(directory / PYTORCH_NAME)
     raise HFCheckpointError(f"{directory}: no {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or {PYTORCH_NAME}")
 
 
@@ -272,8 +286,9 @@ def load_hf(directory: str | os.PathLike, pad_vocab_multiple: int = 64) -> Rober
     if not config_path.is_file():
         raise HFCheckpointError(f"{config_path}: not found")
     cfg = config_from_hf(json.loads(config_path.read_text()), pad_vocab_multiple, source=str(config_path))
+    weights = read_hf_weights(directory)
     try:
-        state = hf_to_state_dict(read_hf_weights(directory), cfg)
+        state = hf_to_state_dict(weights, cfg)
     except HFCheckpointError as e:
         raise HFCheckpointError(f"{directory}: {e}") from None
     with torch.device("meta"):

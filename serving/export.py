@@ -49,6 +49,8 @@ def export(checkpoint: str | Path, output_dir: str | Path, tokenizer: str | Path
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     ckpt = resolve_checkpoint(checkpoint, verify)
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir={out} is a file, not a directory (give a directory to write)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output_dir={out} exists and is not empty (overwrite=true replaces it)")
     run_cfg = read_run_config(ckpt)

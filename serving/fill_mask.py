@@ -20,7 +20,7 @@ from core.cli import command
 from core.hf import HFCheckpointError
 from core.tokenizer import TokenizerError
 from serving.masker import DEFAULT_TOP_K, RequestError, decode_request, load_fill_masker
-from serving.server import serve
+from serving.server import Limits, serve
 
 # --------------------------------------------------------------------------------------------------
 # CLI
@@ -48,7 +48,11 @@ class FillMaskArgs:
     port: int = 8000
     """Server port; 0 picks a free one (printed)."""
     max_batch: int = 64
-    """Most strings in one forward (the server batches concurrent requests up to it)."""
+    """Most strings in one forward (the server batches concurrent requests up to it, sharing it fairly)."""
+    max_strings: int = Limits.max_strings
+    """Server: most strings in one request (413 beyond)."""
+    max_candidates: int = Limits.max_candidates
+    """Server: most candidates in one answer, strings x top_k (413 beyond)."""
     verify: bool = True
     """Check every checkpoint file's sha256 against its checkpoint.json first (false: sizes only, warned)."""
 
@@ -62,8 +66,9 @@ class FillMaskArgs:
             raise ValueError(f"device={self.device!r} is not one of cpu, cuda, auto")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port={self.port} is not in [0, 65535]")
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch={self.max_batch} must be >= 1")
+        for key in ("max_batch", "max_strings", "max_candidates"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
 
 
 def read_request_text(source: str) -> str:
@@ -86,7 +91,8 @@ def main(args: FillMaskArgs) -> int:
     masker = load_fill_masker(args.model, args.tokenizer, args.device, args.max_batch, args.verify)
     masker.check_top_k(args.top_k)
     if args.serve:
-        serve(masker, args.host, args.port, default_top_k=args.top_k, model_name=args.model)
+        serve(masker, args.host, args.port, default_top_k=args.top_k, model_name=args.model,
+              limits=Limits(args.max_strings, args.max_candidates))
         return 0
     assert args.request is not None
     request = decode_request(read_request_text(args.request), args.top_k)

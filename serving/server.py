@@ -11,10 +11,11 @@ FastAPI on uvicorn (one process, one event loop):
 A request is parsed and checked by the same code as the CLI's (`serving.masker.decode_request`, so the
 messages are the same), then tokenized in a worker thread of the server's pool; a bad one is answered
 at once with 400 and `{"error": "<why>"}` (404 / 405 / 411 / 413 for a wrong path, method, a missing
-Content-Length or a body over `MAX_BODY_BYTES`, in the same shape; never the framework's 422). Good ones
-go to a queue. One worker thread runs every forward: it takes the oldest pending request, adds every
-other pending one while the batch holds at most `max_batch` strings, runs one padded forward for them
-all and answers each. Scores of a string can differ from the CLI's in the last float bits (padding
+Content-Length, a body over `MAX_BODY_BYTES` or more work than `Limits` allows: strings per request,
+strings x top_k per answer; in the same shape; never the framework's 422). Good ones go to a queue. One
+worker thread runs every forward of up to `max_batch` strings, shared fairly between the pending
+requests (`Batcher`): a small request waits for at most the forward in flight, however large the
+requests ahead of it. Scores of a string can differ from the CLI's in the last float bits (padding
 changes the matmul shapes); the candidates and their order are the same. SIGTERM or Ctrl-C stops the
 server cleanly: uvicorn stops accepting, answers what is in flight, then the batcher drains.
 """
@@ -37,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from serving.masker import (
     DEFAULT_TOP_K,
@@ -62,19 +64,24 @@ class _Job:
     encoded: list[Encoded]
     top_k: int
     future: Future = field(default_factory=Future)
+    taken: int = 0
+    """Strings handed to forwards so far."""
+    results: list[list[dict[str, Any]]] = field(default_factory=list)
 
 
 class Batcher:
-    """The one thread that runs the model: drains the queue into batches of up to `max_batch` strings.
+    """The one thread that runs the model: forwards of up to `max_batch` strings, shared fairly.
 
-    A job (one request's strings) is never split across batches; one larger than `max_batch` runs alone
-    (the masker then splits its forward)."""
+    Every pending request (job) gets an equal share of each forward's rows (the rows a job cannot use go
+    to the others); a job larger than its share continues in the next forward, behind the jobs that were
+    left out of this one. So a request waits for at most the forward in flight before its strings run,
+    however large the requests ahead of it: a large one cannot starve small ones."""
 
     def __init__(self, masker: FillMasker, max_batch: int | None = None):
         self.masker = masker
         self.max_batch = max_batch or masker.max_batch
         self.batches = 0
-        """Forwards run (a batch of more than `masker.max_batch` strings counts once)."""
+        """Forwards run."""
         self.strings = 0
         """Strings answered."""
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -87,6 +94,9 @@ class Batcher:
     def submit(self, encoded: list[Encoded], top_k: int) -> Future:
         """Queue checked strings; the future's result is their candidate lists."""
         job = _Job(encoded, top_k)
+        if not encoded:
+            job.future.set_result([])
+            return job.future
         self._queue.put(job)
         return job.future
 
@@ -96,56 +106,85 @@ class Batcher:
         self._thread.join()
 
     def _run(self) -> None:
-        carried: _Job | None = None
-        while True:
-            job = carried if carried is not None else self._queue.get()
-            carried = None
-            if job is None:
-                return
-            jobs, size, closing = [job], len(job.encoded), False
-            while size < self.max_batch:
+        active: list[_Job] = []  # in the order they are served next
+        closing = False
+        while active or not closing:
+            block = not active
+            while True:  # take what is queued, waiting only when there is nothing to do
                 try:
-                    nxt = self._queue.get_nowait()
+                    job = self._queue.get(block=block)
                 except queue.Empty:
                     break
-                if nxt is None:
+                block = False
+                if job is None:
                     closing = True
-                    break
-                if size + len(nxt.encoded) > self.max_batch:
-                    carried = nxt  # first in the next batch
-                    break
-                jobs.append(nxt)
-                size += len(nxt.encoded)
-            self._answer(jobs)
-            if closing:
-                if carried is not None:
-                    self._answer([carried])
-                return
+                else:
+                    active.append(job)
+            if active:
+                active = self._forward(active)
 
-    def _answer(self, jobs: list[_Job]) -> None:
-        encoded = [e for job in jobs for e in job.encoded]
-        top_ks = [job.top_k for job in jobs for _ in job.encoded]
+    def _shares(self, active: list[_Job]) -> list[int]:
+        """Rows of the next forward for each active job: equal shares in serving order, then the rows
+        left over (jobs smaller than their share) to the jobs that want more, in the same order."""
+        shares, room = [0] * len(active), self.max_batch
+        for i, job in enumerate(active):
+            share = min(max(1, room // (len(active) - i)), len(job.encoded) - job.taken, room)
+            shares[i], room = share, room - share
+        for i, job in enumerate(active):
+            extra = min(room, len(job.encoded) - job.taken - shares[i])
+            shares[i], room = shares[i] + extra, room - extra
+        return shares
+
+    def _forward(self, active: list[_Job]) -> list[_Job]:
+        """Run one forward; answer the jobs it finishes; return the jobs still active, in serving order
+        (those left out of this forward first)."""
+        shares = self._shares(active)
+        served = [(job, job.taken, job.taken + n) for job, n in zip(active, shares) if n]
+        encoded = [e for job, a, b in served for e in job.encoded[a:b]]
+        top_ks = [job.top_k for job, a, b in served for _ in range(a, b)]
         try:
             results = self.masker.predict(encoded, top_ks)
-        except Exception as e:  # answer every waiting request instead of leaving it hanging
+        except Exception as e:  # answer every request of this forward instead of leaving it hanging
             log.exception("forward failed")
-            for job in jobs:
+            for job, _, _ in served:
                 job.future.set_exception(e)
-            return
+            return [job for job, n in zip(active, shares) if not n]
         self.batches += 1
         self.strings += len(encoded)
         start = 0
-        for job in jobs:
-            job.future.set_result(results[start : start + len(job.encoded)])
-            start += len(job.encoded)
+        for job, a, b in served:
+            job.results.extend(results[start : start + b - a])
+            job.taken, start = b, start + b - a
+            if job.taken == len(job.encoded):
+                job.future.set_result(job.results)
+        left_out = [job for job, n in zip(active, shares) if not n]
+        return left_out + [job for job, _, _ in served if job.taken < len(job.encoded)]
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """The most work one request may ask for; beyond, 413 naming the limit (the FillMaskArgs keys)."""
+
+    max_strings: int = 1024
+    """Strings in one request."""
+    max_candidates: int = 16384
+    """Candidates in one answer: strings x top_k (the response's size)."""
+
+    def check(self, strings: int, top_k: int) -> str | None:
+        if strings > self.max_strings:
+            return f"{strings} strings in one request; the limit is max_strings={self.max_strings}"
+        if strings * top_k > self.max_candidates:
+            return (f"{strings} strings x top_k {top_k} = {strings * top_k} candidates; the limit is "
+                    f"max_candidates={self.max_candidates}")
+        return None
+
+
 def create_app(masker: FillMasker, default_top_k: int = DEFAULT_TOP_K, model_name: str = "",
-               max_batch: int | None = None) -> FastAPI:
+               max_batch: int | None = None, limits: Limits = Limits()) -> FastAPI:
     """The ASGI app: routes, the error shape, and the batcher's life (started and drained with the app)."""
     batcher = Batcher(masker, max_batch)
 
@@ -190,10 +229,20 @@ def create_app(masker: FillMasker, default_top_k: int = DEFAULT_TOP_K, model_nam
             return error(400, f"Content-Length {length!r} is not a number of bytes")
         if int(length) > MAX_BODY_BYTES:
             return error(413, f"body of {length} bytes; the limit is {MAX_BODY_BYTES}")
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:  # gone before its body arrived: nobody to answer, nothing to log but a line
+            log.info("POST /score: the client disconnected before sending its body")
+            return error(400, "the client disconnected before sending its body")  # delivered to nobody
         try:
             parsed = decode_request(body, default_top_k)
             masker.check_top_k(parsed.top_k)
+        except RequestError as e:
+            return error(400, str(e))
+        too_much = limits.check(len(parsed.strings), parsed.top_k)
+        if too_much:
+            return error(413, too_much)
+        try:
             encoded = await run_in_threadpool(masker.encode, parsed.strings)
         except RequestError as e:
             return error(400, str(e))
@@ -223,10 +272,10 @@ def create_app(masker: FillMasker, default_top_k: int = DEFAULT_TOP_K, model_nam
 
 
 def serve(masker: FillMasker, host: str, port: int, default_top_k: int = DEFAULT_TOP_K,
-          model_name: str = "") -> None:
+          model_name: str = "", limits: Limits = Limits()) -> None:
     """Serve until SIGTERM / SIGINT; prints the address (with the port picked when `port` is 0) once the
     socket listens, so a client may connect as soon as it reads the line."""
-    app = create_app(masker, default_top_k, model_name)
+    app = create_app(masker, default_top_k, model_name, limits=limits)
     sock = socket.create_server((host, port), backlog=1024)
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=KEEP_ALIVE_S, access_log=False,
                             limit_concurrency=None)

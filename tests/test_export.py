@@ -15,7 +15,7 @@ import transformers  # a dev dependency (make install): a missing one must fail,
 from checkpoint_fixtures import REPO, trained_runs
 
 from core.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
-from core.hf import load_hf
+from core.hf import HFCheckpointError, load_hf
 from core.tokenizer import TokenizerError, load_tokenizer
 from data_prep.tokenizer import save_tokenizer, train_tokenizer
 from pretrain.config import load_run_config
@@ -129,6 +129,34 @@ def test_export_refuses_bad_inputs(runs, tmp_path, jargon_tokenizer, jargon_path
     with pytest.raises(TokenizerError, match="lacks \\['merges.txt'\\]"):
         export(runs["torch"], tmp_path / "o5", tokenizer=lacking)
     assert not any(p.name.startswith(("o1", "o2", "o3", "o4", "o5")) for p in tmp_path.iterdir())
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="output_dir=.*a_file is a file, not a directory"):
+            export(runs["torch"], a_file, overwrite=overwrite)
+    assert a_file.read_text() == "keep me"
+
+
+def test_a_truncated_or_corrupt_hf_export_is_named_exit_2(exported, tmp_path):
+    """A truncated model.safetensors (or a corrupt pytorch_model.bin) is named, exit 2, no traceback."""
+    cases = {"truncated": ("model.safetensors", lambda b: b[: len(b) // 2]),
+             "bin": ("pytorch_model.bin", lambda b: b"PK\x03\x04" + b[4:100])}
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"inputs": {"input_string": ["Hello <mask>."]}}))
+    for case, (name, damage) in cases.items():
+        hf = tmp_path / case
+        shutil.copytree(exported["torch"], hf)
+        weights = (hf / "model.safetensors").read_bytes()
+        if name != "model.safetensors":
+            (hf / "model.safetensors").unlink()
+        (hf / name).write_bytes(damage(weights))
+        with pytest.raises(HFCheckpointError, match="truncated or corrupt"):
+            load_hf(hf)
+        proc = subprocess.run([sys.executable, "-m", "serving.fill_mask", f"model={hf}", f"request={request}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"{hf / name}: unreadable (" in proc.stderr and "truncated or corrupt" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("run", ["torch", "zero0"])

@@ -9,8 +9,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -181,14 +184,75 @@ def test_batcher_drains_pending_jobs_into_batches(masker):
         assert_same(answer, masker(parse_request(request(g, top_k=2 + i))))
 
 
+class SteppedMasker:
+    """The real masker, whose every forward waits for a permit: the test decides when forwards run."""
+
+    def __init__(self, masker: FillMasker):
+        self.masker, self.max_batch = masker, masker.max_batch
+        self.permits = threading.Semaphore(0)
+
+    def predict(self, encoded, top_ks):
+        assert self.permits.acquire(timeout=60), "no permit for a forward"
+        return self.masker.predict(encoded, top_ks)
+
+
+def test_a_large_request_does_not_starve_a_small_one(masker):
+    """A 64-string request over forwards of 4 rows (16 forwards) is running when a 1-string request comes:
+    the small one is answered within 2 forwards (the one the worker already took, and the next, which it
+    shares), while the large one is still far from done; both answers are the masker's own."""
+    stepped = SteppedMasker(masker)
+    batcher = Batcher(stepped, max_batch=4)  # type: ignore[arg-type]
+    large_strings = [SENTENCES[i % len(SENTENCES)] for i in range(64)]
+    large = batcher.submit(masker.encode(large_strings), top_k=3)
+    batcher.start()
+    stepped.permits.release()
+    while batcher.batches < 1:
+        time.sleep(0.001)
+    small = batcher.submit(masker.encode([SENTENCES[3]]), top_k=2)
+    forwards = 0
+    while not small.done():
+        assert forwards < 2, "the small request waited more than 2 forwards behind the large one"
+        stepped.permits.release()
+        forwards += 1
+        deadline = time.time() + 60
+        while batcher.batches < 1 + forwards and time.time() < deadline:
+            time.sleep(0.001)
+    assert not large.done() and batcher.batches <= 3
+    assert_same(small.result(), masker(parse_request(request([SENTENCES[3]], top_k=2))))
+    for _ in range(16):
+        stepped.permits.release()
+    assert_same(large.result(timeout=60), masker(parse_request(request(large_strings, top_k=3))))
+    batcher.close()
+    assert batcher.strings == 65 and batcher.batches == 17  # 65 strings in forwards of 4: nothing wasted
+
+
+def test_batcher_shares_each_forward_fairly(masker):
+    """Three pending requests of 10, 1 and 10 strings, forwards of 4: every row used (6 forwards for 21
+    strings), each answer its own."""
+    batcher = Batcher(masker, max_batch=4)
+    groups = [SENTENCES[:10], SENTENCES[10:11], [*SENTENCES[2:12]]]
+    futures = [batcher.submit(masker.encode(g), top_k=1 + i) for i, g in enumerate(groups)]
+    batcher.start()
+    answers = [f.result(timeout=60) for f in futures]
+    batcher.close()
+    assert batcher.batches == 6 and batcher.strings == 21  # ceil(21 / 4)
+    for i, (g, answer) in enumerate(zip(groups, answers)):
+        assert_same(answer, masker(parse_request(request(g, top_k=1 + i))))
+
+
 # ---------------------------------------------------------------------------------------------------
 # the server
 
 
 @pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
+def server_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server") / "stderr.txt"
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, server_log):
     """`python -m serving.fill_mask serve=true port=0` in a subprocess; yields its base URL."""
-    log = tmp_path_factory.mktemp("server") / "stderr.txt"
+    log = server_log
     with open(log, "w") as err:
         cmd = [sys.executable, "-m", "serving.fill_mask", f"model={ckpt}", "serve=true", "port=0"]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -331,3 +395,53 @@ def test_server_under_load_answers_as_the_cli(server, masker):
     strings = sum(len(b["inputs"]["input_string"]) for b in bodies)
     assert after["strings"] - before["strings"] == strings
     assert after["batches"] - before["batches"] < len(bodies)  # batched: fewer forwards than requests
+
+
+def test_server_limits_the_work_of_one_request(server):
+    """More strings than max_strings, or strings x top_k over max_candidates: 413 naming the limit."""
+    status, answer = http(f"{server}/score", json.dumps(request(["a <mask>."] * 1025)).encode())
+    assert status == 413 and "1025 strings in one request; the limit is max_strings=1024" in answer["error"]
+    status, answer = http(f"{server}/score", json.dumps(request(SENTENCES[:3] * 22, top_k=300)).encode())
+    assert status == 413 and "66 strings x top_k 300 = 19800 candidates; the limit is max_candidates=16384" \
+        in answer["error"]
+    status, answer = http(f"{server}/score", json.dumps(request(["a <mask>."] * 1024)).encode())
+    assert status == 200 and len(answer) == 1024
+
+
+def test_server_answers_a_small_request_while_a_large_one_runs(server, masker):
+    """A 1024-string request (16 forwards of 64) is running when a 1-string request comes: the small one
+    is answered first, after a few of the server's forwards (counted by /health, not timed)."""
+    large_strings = [("word " * 40) + s for s in SENTENCES] * (1024 // len(SENTENCES) + 1)
+    large_body = json.dumps(request(large_strings[:1024], top_k=1)).encode()
+    _, before = http(f"{server}/health")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        large = pool.submit(http, f"{server}/score", large_body)
+        while http(f"{server}/health")[1]["batches"] == before["batches"]:
+            assert not large.done(), large.result()
+            time.sleep(0.01)
+        _, started = http(f"{server}/health")
+        status, small = http(f"{server}/score", json.dumps(request([SENTENCES[0]], top_k=2)).encode())
+        _, answered = http(f"{server}/health")
+        small_done_first = not large.done()
+        assert large.result()[0] == 200
+    assert status == 200 and small_done_first
+    # 2 here (the forward in flight, then the one it shares); 4 leaves room for a slow event loop, far
+    # below the 16 forwards of the large request it would wait for without sharing
+    assert answered["batches"] - started["batches"] <= 4, (started, answered)
+    assert_same(small, masker(parse_request(request([SENTENCES[0]], top_k=2))))
+
+
+def test_a_client_that_disconnects_is_one_line_in_the_log(server, server_log):
+    body = json.dumps(request(SENTENCES)).encode()
+    host, port = server.split("//")[1].split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:40])
+    deadline = time.time() + 30
+    while server_log.read_text().count("disconnected before sending its body") < 3:
+        assert time.time() < deadline, server_log.read_text()[-3000:]
+        time.sleep(0.05)
+    assert "Traceback" not in server_log.read_text() and "ClientDisconnect" not in server_log.read_text()
+    status, answer = http(f"{server}/score", SAMPLE.read_bytes())
+    assert status == 200 and len(answer) == 2
