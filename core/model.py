@@ -1,12 +1,18 @@
-"""RoBERTa for masked language modelling, the whole model in one file (Liu et al. 2019).
+"""RoBERTa (Liu et al. 2019) for masked language modelling and for fine-tuning, the whole model in one file.
 
 Read top to bottom like the paper: config, embeddings, self-attention, feed-forward, one post-LN
-layer, the encoder, the LM head, and `RobertaForMaskedLM` that ties them together.
+layer, the encoder, `RobertaPreTrainedModel` (embeddings + encoder, shared by every model here), the LM
+head and `RobertaForMaskedLM`, then the task heads with HF's names and maths:
+`RobertaForSequenceClassification`, `RobertaForTokenClassification`, `RobertaForQuestionAnswering`.
 
     cfg = RobertaConfig.from_preset("large")       # or RobertaConfig(vocab_size=..., ...)
     model = RobertaForMaskedLM(cfg)
     out = model(input_ids, attention_mask=None, labels=labels)  # labels: -100 = not predicted
     out.loss, out.num_predictions, out.logits
+
+    clf = RobertaForSequenceClassification(cfg, num_labels=3)
+    missing, unexpected = clf.load_state_dict(model.state_dict(), strict=False)  # the head / lm_head.*
+    clf(input_ids, attention_mask, labels=labels).logits                          # [B, 3]
 
 Shapes: B batch, S sequence, D hidden, H heads, Dh = D / H per head, F feed-forward, V vocabulary,
 Vp the vocabulary padded to a multiple of `pad_vocab_multiple` (internal only), N predicted tokens.
@@ -244,7 +250,90 @@ class Encoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# LM head
+# The shared encoder model
+# --------------------------------------------------------------------------------------------------
+class RobertaPreTrainedModel(nn.Module):
+    """Embeddings + encoder, the part every model here shares, so all have the same encoder parameter
+    names (`embeddings.*`, `encoder.*`): the state dict of one loads into another with `strict=False`,
+    only the heads missing or unexpected. A subclass adds its head in `__init__`, then calls
+    `self.reset_parameters()`; its forward starts with `hidden = self.encode(input_ids, attention_mask)`."""
+
+    _vocab_rows: tuple[str, ...] = ("embeddings.word.weight",)
+    """Parameters whose first dimension is the padded vocabulary (the rows beyond `vocab_size` unused)."""
+
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."""
+        return self.encoder.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, enabled: bool) -> None:
+        self.encoder.activation_checkpointing = bool(enabled)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """RoBERTa's init (HF's `_init_weights`): normal(0, init_std) weights of every Linear and
+        Embedding, zero biases, zero padding rows, LayerNorm 1 / 0. The rows of the padded vocabulary
+        beyond `vocab_size` are zero (they are never used)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.embeddings.word.weight[self.config.vocab_size:].zero_()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Trainable parameters as the unpadded model has them (a tied table counted once).
+        `exclude_embeddings` leaves out the word, position and token-type tables."""
+        cfg = self.config
+        params = dict(self.named_parameters())
+        total = sum(p.numel() for p in params.values())
+        for name in self._vocab_rows:  # [Vp, ...]: leave out the Vp - V padded rows
+            total -= (cfg.padded_vocab_size - cfg.vocab_size) * params[name][0].numel()
+        if exclude_embeddings:
+            total -= (cfg.vocab_size + cfg.max_positions + cfg.type_vocab_size) * cfg.hidden_size
+        return total
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding) or None for no padding
+        -> the last layer's hidden states [B, S, D]."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
+                             f"{self.config.max_seq_len} (max_positions={self.config.max_positions})")
+        mask = self._attention_mask(attention_mask, input_ids.shape)
+        return self.encoder(self.embeddings(input_ids), mask)  # [B, S, D]
+
+    @staticmethod
+    def _attention_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+        """[B, S] 0/1 -> [B, 1, 1, S] bool for SDPA, or None when there is no padding (so fused / flash
+        kernels run). The all-ones check is skipped under torch.compile (the mask is kept: same result)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.shape != shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(shape)}")
+        if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+            return None
+        return attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked language modelling
 # --------------------------------------------------------------------------------------------------
 class LMHead(nn.Module):
     """Dense -> GELU -> LayerNorm -> decoder tied to the word embeddings, plus a bias."""
@@ -266,9 +355,6 @@ class LMHead(nn.Module):
         return logits
 
 
-# --------------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------------
 @dataclass
 class MaskedLMOutput:
     """What `RobertaForMaskedLM.forward` returns."""
@@ -281,54 +367,21 @@ class MaskedLMOutput:
     """With labels: N, the number of labels != -100 (a long scalar tensor); else None."""
 
 
-class RobertaForMaskedLM(nn.Module):
+class RobertaForMaskedLM(RobertaPreTrainedModel):
     """RoBERTa encoder + MLM head. The head runs only on the predicted positions when labels are given."""
 
+    _vocab_rows = ("embeddings.word.weight", "lm_head.bias")
+
     def __init__(self, cfg: RobertaConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.embeddings = Embeddings(cfg)
-        self.encoder = Encoder(cfg)
+        super().__init__(cfg)
         self.lm_head = LMHead(cfg)
         self.reset_parameters()
 
-    @property
-    def activation_checkpointing(self) -> bool:
-        """Recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)."""
-        return self.encoder.activation_checkpointing
-
-    @activation_checkpointing.setter
-    def activation_checkpointing(self, enabled: bool) -> None:
-        self.encoder.activation_checkpointing = bool(enabled)
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """RoBERTa's init: normal(0, init_std) weights, zero biases, zero padding row, LayerNorm 1 / 0.
-        The rows of the padded vocabulary beyond `vocab_size` are zero (they are never used)."""
-        std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        self.embeddings.word.weight[self.config.vocab_size:].zero_()
+        """The shared init (`RobertaPreTrainedModel.reset_parameters`) and a zero LM-head bias."""
+        super().reset_parameters()
         self.lm_head.bias.zero_()
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Trainable parameters as the unpadded model has them (the tied table counted once).
-        `exclude_embeddings` leaves out the word, position and token-type tables."""
-        cfg = self.config
-        total = sum(p.numel() for p in self.parameters())
-        total -= (cfg.padded_vocab_size - cfg.vocab_size) * (cfg.hidden_size + 1)  # table rows + bias
-        if exclude_embeddings:
-            total -= (cfg.vocab_size + cfg.max_positions + cfg.type_vocab_size) * cfg.hidden_size
-        return total
 
     def forward(
         self,
@@ -339,15 +392,9 @@ class RobertaForMaskedLM(nn.Module):
     ) -> MaskedLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding) or None for no padding;
         labels [B, S] with -100 where nothing is predicted; reduction "mean" or "sum" of the loss."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's maximum "
-                             f"{self.config.max_seq_len} (max_positions={self.config.max_positions})")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        mask = self._attention_mask(attention_mask, input_ids.shape)
-        hidden = self.encoder(self.embeddings(input_ids), mask)  # [B, S, D]
+        hidden = self.encode(input_ids, attention_mask)  # [B, S, D]
         if labels is None:
             return MaskedLMOutput(logits=self.lm_head(hidden, self.embeddings.word.weight))  # [B, S, V]
 
@@ -366,15 +413,224 @@ class RobertaForMaskedLM(nn.Module):
             loss = loss / count.clamp(min=1)
         return MaskedLMOutput(logits=logits, loss=loss, num_predictions=count)
 
-    @staticmethod
-    def _attention_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
-        """[B, S] 0/1 -> [B, 1, 1, S] bool for SDPA, or None when there is no padding (so fused / flash
-        kernels run). The all-ones check is skipped under torch.compile (the mask is kept: same result)."""
-        if attention_mask is None:
-            return None
-        if attention_mask.shape != shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(shape)}")
-        if not torch.compiler.is_compiling() and bool(attention_mask.all()):
-            return None
-        return attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+
+# --------------------------------------------------------------------------------------------------
+# Task heads (fine-tuning): HF's parameter names and maths
+# --------------------------------------------------------------------------------------------------
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+"""The `problem_type`s of sequence classification, as in HF's config: MSE, cross entropy, BCE-with-logits."""
+
+
+@dataclass
+class TaskOutput:
+    """What `RobertaForSequenceClassification` and `RobertaForTokenClassification` return."""
+
+    logits: torch.Tensor
+    """Sequence classification [B, num_labels]; token classification [B, S, num_labels]."""
+    loss: torch.Tensor | None = None
+    """With labels: the mean loss (a float32 scalar); else None."""
+
+
+@dataclass
+class QuestionAnsweringOutput:
+    """What `RobertaForQuestionAnswering` returns."""
+
+    start_logits: torch.Tensor
+    """[B, S]: score of each token as the answer's first."""
+    end_logits: torch.Tensor
+    """[B, S]: score of each token as the answer's last."""
+    loss: torch.Tensor | None = None
+    """With start and end positions: (CE(start) + CE(end)) / 2 (a float32 scalar); else None."""
+
+
+def _check_head_args(num_labels: int, classifier_dropout: float | None) -> None:
+    if not isinstance(num_labels, int) or isinstance(num_labels, bool) or num_labels <= 0:
+        raise ValueError(f"num_labels must be a positive integer, got {num_labels!r}")
+    if classifier_dropout is not None and (not isinstance(classifier_dropout, (int, float))
+                                           or isinstance(classifier_dropout, bool)
+                                           or not 0.0 <= classifier_dropout < 1.0):
+        raise ValueError(f"classifier_dropout must be None or in [0, 1), got {classifier_dropout!r}")
+
+
+class ClassificationHead(nn.Module):
+    """HF's `RobertaClassificationHead`, on the `<s>` token: dropout -> dense (D -> D) -> tanh -> dropout
+    -> out_proj (D -> num_labels)."""
+
+    def __init__(self, cfg: RobertaConfig, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(cfg.hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, S, D] -> [B, num_labels]."""
+        x = self.dropout(hidden[:, 0])  # [B, D]: the <s> token
+        x = self.dropout(torch.tanh(self.dense(x)))  # [B, D]
+        return self.out_proj(x)  # [B, num_labels]
+
+
+class RobertaForSequenceClassification(RobertaPreTrainedModel):
+    """RoBERTa encoder + a classification head on `<s>` (HF's `RobertaForSequenceClassification`).
+
+    `problem_type` picks the loss as HF does: "regression" (MSE; with num_labels == 1 on the squeezed
+    logits), "single_label_classification" (cross entropy on long labels [B]),
+    "multi_label_classification" (BCE-with-logits on float labels [B, num_labels]). None: regression if
+    num_labels == 1 (fixed here), else inferred per call from the labels' dtype (long / int32 -> single
+    label, anything else -> multi label); HF also stores its first inference in its config, we do not."""
+
+    kind = "sequence_classification"
+
+    def __init__(self, cfg: RobertaConfig, num_labels: int, problem_type: str | None = None,
+                 classifier_dropout: float | None = None) -> None:
+        _check_head_args(num_labels, classifier_dropout)
+        if problem_type is not None and problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be None or one of {PROBLEM_TYPES}, got {problem_type!r}")
+        if problem_type == "single_label_classification" and num_labels < 2:
+            raise ValueError("problem_type 'single_label_classification' needs num_labels >= 2 "
+                             f"(cross entropy over one class is always 0), got {num_labels}")
+        if problem_type is None and num_labels == 1:
+            problem_type = "regression"  # what HF infers for one label, whatever the labels' dtype
+        super().__init__(cfg)
+        self.num_labels = num_labels
+        self.problem_type = problem_type
+        self.classifier_dropout = classifier_dropout
+        dropout = cfg.hidden_dropout if classifier_dropout is None else classifier_dropout
+        self.classifier = ClassificationHead(cfg, num_labels, dropout)
+        self.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> TaskOutput:
+        """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding) or None; labels [B] (long:
+        single label; float: regression), [B, num_labels] (float 0/1: multi label) or None."""
+        hidden = self.encode(input_ids, attention_mask)  # [B, S, D]
+        logits = self.classifier(hidden)  # [B, num_labels]
+        if labels is None:
+            return TaskOutput(logits=logits)
+        problem_type = self.problem_type
+        if problem_type is None:
+            single = labels.dtype in (torch.long, torch.int)
+            problem_type = "single_label_classification" if single else "multi_label_classification"
+        if problem_type == "regression":
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze().float(), labels.squeeze().float())  # [B] vs [B]
+            else:
+                loss = F.mse_loss(logits.float(), labels.float())  # [B, num_labels]
+        elif problem_type == "single_label_classification":
+            loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())  # [B, num_labels]
+        return TaskOutput(logits=logits, loss=loss)
+
+
+class RobertaForTokenClassification(RobertaPreTrainedModel):
+    """RoBERTa encoder + dropout -> a linear classifier on every token (HF's
+    `RobertaForTokenClassification`); loss: mean cross entropy over the labels != -100."""
+
+    kind = "token_classification"
+
+    def __init__(self, cfg: RobertaConfig, num_labels: int, classifier_dropout: float | None = None) -> None:
+        _check_head_args(num_labels, classifier_dropout)
+        super().__init__(cfg)
+        self.num_labels = num_labels
+        self.classifier_dropout = classifier_dropout
+        self.dropout = nn.Dropout(cfg.hidden_dropout if classifier_dropout is None else classifier_dropout)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        self.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> TaskOutput:
+        """input_ids [B, S]; attention_mask [B, S] or None; labels [B, S] long, -100 where not scored
+        (padding, continuation sub-words), or None. With every label -100 the loss is NaN, as in HF."""
+        hidden = self.encode(input_ids, attention_mask)  # [B, S, D]
+        logits = self.classifier(self.dropout(hidden))  # [B, S, num_labels]
+        if labels is None:
+            return TaskOutput(logits=logits)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        loss = F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1),
+                               ignore_index=IGNORE_INDEX)  # [B * S, num_labels] vs [B * S]
+        return TaskOutput(logits=logits, loss=loss)
+
+
+class RobertaForQuestionAnswering(RobertaPreTrainedModel):
+    """RoBERTa encoder + `qa_outputs`, a linear D -> 2 on every token: start and end logits of the
+    answer span (HF's `RobertaForQuestionAnswering`, extractive QA as in SQuAD)."""
+
+    kind = "extractive_qa"
+    num_labels = 2
+    """The outputs of `qa_outputs` (HF's config has `num_labels` 2 for this head)."""
+
+    def __init__(self, cfg: RobertaConfig) -> None:
+        super().__init__(cfg)
+        self.qa_outputs = nn.Linear(cfg.hidden_size, 2)
+        self.reset_parameters()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+    ) -> QuestionAnsweringOutput:
+        """input_ids [B, S]; attention_mask [B, S] or None; start_positions and end_positions [B] (or
+        [B, 1]) token indices of the answer, both or neither. As in HF, positions are clamped to [0, S]
+        and S is ignored: an answer outside the input (e.g. cut off) adds nothing to the loss."""
+        if (start_positions is None) != (end_positions is None):
+            raise ValueError("give both start_positions and end_positions, or neither")
+        hidden = self.encode(input_ids, attention_mask)  # [B, S, D]
+        logits = self.qa_outputs(hidden)  # [B, S, 2]
+        start_logits, end_logits = logits.unbind(-1)  # [B, S] each
+        if start_positions is None:
+            return QuestionAnsweringOutput(start_logits=start_logits, end_logits=end_logits)
+        if start_positions.dim() > 1:
+            start_positions = start_positions.squeeze(-1)  # [B, 1] -> [B]
+        if end_positions.dim() > 1:
+            end_positions = end_positions.squeeze(-1)
+        seq = start_logits.shape[1]
+        start_positions, end_positions = start_positions.clamp(0, seq), end_positions.clamp(0, seq)
+        start_loss = F.cross_entropy(start_logits.float(), start_positions, ignore_index=seq)
+        end_loss = F.cross_entropy(end_logits.float(), end_positions, ignore_index=seq)
+        return QuestionAnsweringOutput(start_logits=start_logits, end_logits=end_logits,
+                                       loss=(start_loss + end_loss) / 2)
+
+
+TaskModel = RobertaForSequenceClassification | RobertaForTokenClassification | RobertaForQuestionAnswering
+"""Any of the task models."""
+
+TASK_MODELS: dict[str, type[TaskModel]] = {
+    RobertaForSequenceClassification.kind: RobertaForSequenceClassification,
+    RobertaForTokenClassification.kind: RobertaForTokenClassification,
+    RobertaForQuestionAnswering.kind: RobertaForQuestionAnswering,
+}
+"""Task kind (the class attribute `kind`) -> model class."""
+
+
+def new_task_model(kind: str, cfg: RobertaConfig, num_labels: int | None = None,
+                     problem_type: str | None = None, classifier_dropout: float | None = None) -> TaskModel:
+    """A freshly initialised task model of `kind` ("sequence_classification", "token_classification",
+    "extractive_qa"). Classification kinds need `num_labels`; `problem_type` is for sequence
+    classification only; extractive QA takes no `num_labels` (or 2), `problem_type` or dropout."""
+    if kind not in TASK_MODELS:
+        raise ValueError(f"unknown task kind {kind!r}; known: {sorted(TASK_MODELS)}")
+    if kind != RobertaForSequenceClassification.kind and problem_type is not None:
+        raise ValueError(f"problem_type is for sequence_classification only, got {problem_type!r} for {kind}")
+    if kind == RobertaForQuestionAnswering.kind:
+        if num_labels not in (None, 2):
+            raise ValueError(f"extractive_qa has 2 outputs (start, end), got num_labels={num_labels!r}")
+        if classifier_dropout is not None:
+            raise ValueError("extractive_qa has no classifier dropout (HF's qa_outputs has none)")
+        return RobertaForQuestionAnswering(cfg)
+    if num_labels is None:
+        raise ValueError(f"{kind} needs num_labels")
+    if kind == RobertaForTokenClassification.kind:
+        return RobertaForTokenClassification(cfg, num_labels, classifier_dropout)
+    return RobertaForSequenceClassification(cfg, num_labels, problem_type, classifier_dropout)

@@ -6,6 +6,7 @@ Id layout: <s>=0  <pad>=1  </s>=2  <unk>=3  ...the BPE tokens...  <mask>=vocab_s
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -20,8 +21,24 @@ MODEL_MAX_LENGTH = 512
 NUM_LEADING_SPECIALS = len(SPECIALS)
 
 
+TOKENIZER_FILES = (TOKENIZER_JSON, "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+"""What `data_prep.tokenizer.save_tokenizer` writes and an HF directory needs (export, fine-tuning's best/)."""
+
+
 class TokenizerError(ValueError):
     """A tokenizer cannot be built as asked, or a tokenizer directory is not one of ours."""
+
+
+def copy_tokenizer_files(source: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
+    """Copy every one of TOKENIZER_FILES from `source` into `directory` (TokenizerError naming the missing
+    ones before anything is copied); returns their names."""
+    source, directory = Path(source), Path(directory)
+    missing = [name for name in TOKENIZER_FILES if not (source / name).is_file()]
+    if missing:
+        raise TokenizerError(f"{source}: lacks {missing}; rebuild it with python -m data_prep.build_tokenizer")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(source / name, directory / name)
+    return list(TOKENIZER_FILES)
 
 
 def document_encoder(tok: Tokenizer) -> Tokenizer:

@@ -34,11 +34,8 @@ from core.checkpoint import (
 )
 from core.cli import command
 from core.hf import CONFIG_NAME, SAFETENSORS_NAME, HFCheckpointError, save_hf
-from core.tokenizer import TOKENIZER_JSON, TokenizerError
+from core.tokenizer import TOKENIZER_FILES, TokenizerError, copy_tokenizer_files
 
-TOKENIZER_FILES = (TOKENIZER_JSON, "vocab.json", "merges.txt", "tokenizer_config.json",
-                   "special_tokens_map.json")
-"""What `data_prep.tokenizer.save_tokenizer` writes: every one must be there to be copied."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -56,16 +53,14 @@ def export(checkpoint: str | Path, output_dir: str | Path, tokenizer: str | Path
     run_cfg = read_run_config(ckpt)
     tok_dir = checkpoint_tokenizer_dir(run_cfg, tokenizer)
     missing = [name for name in TOKENIZER_FILES if not (tok_dir / name).is_file()]
-    if missing:
-        raise TokenizerError(f"{tok_dir}: lacks {missing}; rebuild it with "
-                             f"python -m data_prep.build_tokenizer")
+    if missing:  # checked before the weights are read (copy_tokenizer_files checks again)
+        raise TokenizerError(f"{tok_dir}: lacks {missing}; rebuild it with python -m data_prep.build_tokenizer")
     model = load_checkpoint_model(ckpt, model_config(run_cfg)).to(DTYPES[dtype])
 
     tmp = out.with_name(f".tmp-{out.name}")  # written aside, then moved into place: never half an export
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(model, tmp)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tok_dir / name, tmp / name)
+    copy_tokenizer_files(tok_dir, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -24,6 +24,7 @@ COMMANDS = [
     ("serving.export", "export", ["checkpoint=c", "output_dir=o"], ("dtype", "fp32")),
     ("serving.fill_mask", "fill_mask", ["model=m", "request=-"], ("top_k", 5)),
     ("bench.data_prep", "bench_data_prep", ["workers=[1,4]"], ("workers", [1, 4])),
+    ("finetune", "finetune", ["task=movie_sentiment", "model=m", "seeds=[1,2]"], ("seeds", [1, 2])),
     ("pretrain.train", "pretrain", ["experiment=debug", "data.corpus=c"], ("name", "debug")),
 ]
 
@@ -64,6 +65,10 @@ def test_help_documents_every_setting(module, name, required, check):
 def _schema(module: str) -> type:
     import importlib
 
+    if module == "finetune":  # python -m finetune: its schema is finetune.config's
+        from finetune.config import FinetuneConfig
+
+        return FinetuneConfig
     mod = importlib.import_module(module)
     (schema,) = [v for k, v in vars(mod).items() if k.endswith("Args") and isinstance(v, type)
                  and v.__module__ == mod.__name__]

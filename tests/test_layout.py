@@ -6,12 +6,13 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("core", "data_prep", "pretrain", "serving")
-MAY_IMPORT = {  # the direction of the data: conf -> data_prep -> pretrain -> serving, all on core
+PACKAGES = ("core", "data_prep", "pretrain", "serving", "finetune")
+MAY_IMPORT = {  # the direction of the data: conf -> data_prep -> pretrain -> serving / finetune, all on core
     "core": {"core"},
     "data_prep": {"core", "data_prep"},
     "pretrain": {"core", "data_prep", "pretrain"},
     "serving": {"core", "serving"},
+    "finetune": {"core", "pretrain", "finetune"},  # pretrain: the process group and the schedule
 }
 
 

@@ -1,0 +1,1 @@
+"""Stage 4: fine-tuning and downstream evaluation (`python -m finetune task=<name> model=<dir>`)."""

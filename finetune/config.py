@@ -1,0 +1,204 @@
+"""Fine-tune a pretrained RoBERTa on a downstream task over several seeds (settings of `python -m finetune`).
+
+The dataclasses are the schema `finetune_schema` (core.cli.register), the first entry of the defaults of
+conf/commands/finetune.yaml, whose group `task/` holds the shipped tasks: a key that is not here is
+refused, a value of the wrong type names its key, and `__post_init__` checks the values (exit 2).
+
+    task.*    what to learn: the kind, the files and their fields, the labels, the metric
+    optim.*   the recipe: fairseq's RoBERTa GLUE settings (Adam (0.9, 0.98), eps 1e-6, weight decay 0.1,
+              6% warm-up then linear decay, lr 1e-5), each overridable
+    train.*   how: batch sizes, epochs, precision, device, progress
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from omegaconf import MISSING
+
+KINDS = ("sequence_classification", "sequence_regression", "token_classification", "extractive_qa")
+"""What a task is: a label per text (or text pair), a number per text, a tag per word, an answer span."""
+FORMATS = ("json", "jsonl", "csv", "tsv", "conll", "squad")
+PROBLEM_TYPES = ("single_label_classification", "regression")
+LABEL_TRANSFORMS = ("sign",)
+"""`sign`: a number becomes "negative" (< 0) or "positive" (> 0); exactly 0 is dropped (counted)."""
+DEFAULT_METRIC = {"sequence_classification": "accuracy", "sequence_regression": "pearson",
+                  "token_classification": "f1", "extractive_qa": "f1"}
+"""The metric that picks the best epoch and the best seed when the task names none."""
+
+
+@dataclass
+class TaskConfig:
+    """One downstream task (a file of conf/task/, or `task.*=` overrides)."""
+
+    name: str = MISSING
+    """The task's name (the output directory's default name)."""
+    kind: str = MISSING
+    """sequence_classification, sequence_regression, token_classification or extractive_qa."""
+    train: str = MISSING
+    """The training file (.json/.jsonl/.csv/.tsv for sequence tasks, CoNLL for tokens, SQuAD JSON for QA)."""
+    validation: Optional[str] = None
+    """The validation file; null: `validation_fraction` of train, split by a hash of the text."""
+    test: Optional[str] = None
+    """A test file, scored with each seed's best epoch; null: `test_fraction` of train (0: no test)."""
+    format: Optional[str] = None
+    """json, jsonl, csv, tsv, conll or squad; null: from the file's suffix (.txt: tsv) and the kind."""
+    column_names: Optional[List[str]] = None
+    """The columns of a delimited file without a header row."""
+    text_field: str = "text"
+    """The field holding the text (sequence tasks)."""
+    pair_field: Optional[str] = None
+    """The field holding the second text of a pair (`<s> a </s></s> b </s>`), or null."""
+    label_field: str = "label"
+    """The field holding the label (or the number, for regression)."""
+    label_transform: Optional[str] = None
+    """`sign`: a number's sign as the label (negative / positive; 0 dropped), or null."""
+    labels: Optional[List[str]] = None
+    """The label set in id order; null: the sorted labels of train. Validation labels must be in it."""
+    metric: Optional[str] = None
+    """The metric that picks the best epoch and seed; null: accuracy, pearson, f1 (entities), f1 (SQuAD)."""
+    validation_fraction: float = 0.1
+    """Of train, for validation when `validation` is null."""
+    test_fraction: float = 0.0
+    """Of train, for test when `test` is null."""
+    max_length: int = 128
+    """Most tokens of an input with its special tokens; longer texts are truncated and counted."""
+    version_2: bool = False
+    """Extractive QA: SQuAD v2, where a question may have no answer."""
+    stride: int = 128
+    """Extractive QA: tokens of overlap between the windows of a long context."""
+    max_question_length: int = 64
+    """Extractive QA: tokens of the question kept."""
+    n_best: int = 20
+    """Extractive QA: start and end candidates per window."""
+    max_answer_length: int = 30
+    """Extractive QA: most tokens of an answer."""
+
+    def __post_init__(self) -> None:
+        if self.kind == MISSING:  # the schema's own default (Hydra builds it before the task file is merged)
+            return
+        if self.kind not in KINDS:
+            raise ValueError(f"task.kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"task.format={self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.label_transform is not None and self.label_transform not in LABEL_TRANSFORMS:
+            raise ValueError(f"task.label_transform={self.label_transform!r} is not one of {LABEL_TRANSFORMS}")
+        for key in ("validation_fraction", "test_fraction"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"task.{key}={getattr(self, key)} must be in [0, 1)")
+        if self.validation is None and self.validation_fraction == 0:
+            raise ValueError("task.validation is null and task.validation_fraction=0: no validation set")
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("task.validation_fraction + task.test_fraction must be below 1")
+        for key in ("max_length", "stride", "max_question_length", "n_best", "max_answer_length"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"task.{key}={getattr(self, key)} must be >= 1")
+        if self.kind == "extractive_qa" and self.stride >= self.max_length:
+            raise ValueError(f"task.stride={self.stride} must be below task.max_length={self.max_length}")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"task.labels={self.labels} repeats a label")
+
+    @property
+    def selection_metric(self) -> str:
+        return self.metric or DEFAULT_METRIC[self.kind]
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and decay: fairseq's RoBERTa GLUE recipe."""
+
+    lr: float = 1e-5
+    """Peak learning rate (the paper: 1e-5, 2e-5 or 3e-5 by task)."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam's beta1, beta2."""
+    eps: float = 1e-6
+    """Adam's epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (not on biases and LayerNorm weights)."""
+    warmup_ratio: float = 0.06
+    """Of the total steps, warm-up from 0 to `lr`; then linear decay to 0."""
+    clip_grad_norm: float = 0.0
+    """Clip the gradient norm to this (0: no clipping, as fairseq's GLUE recipe)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas={self.betas} must be two numbers in [0, 1)")
+        if not self.eps > 0 or self.weight_decay < 0 or self.clip_grad_norm < 0:
+            raise ValueError("optim.eps must be > 0, optim.weight_decay and optim.clip_grad_norm >= 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    """How the task model trains: batches, epochs, dropout, precision, device."""
+
+    batch_size: int = 32
+    """Examples per optimizer step (over all ranks)."""
+    eval_batch_size: int = 64
+    """Examples per forward when evaluating."""
+    epochs: int = 10
+    """Passes over the training set; the best epoch on validation is kept."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps in all (null: epochs x steps per epoch)."""
+    dropout: Optional[float] = 0.1
+    """Hidden, attention and classifier dropout (null: the pretrained model's own)."""
+    precision: str = "fp32"
+    """fp32 or bf16 (autocast; on a GPU)."""
+    device: str = "auto"
+    """cpu, cuda or auto (cuda when there is one)."""
+    log_every: int = 50
+    """Log the training loss every this many steps (and at each epoch's end)."""
+    progress_bar: bool = True
+    """A tqdm bar per epoch (on rank 0)."""
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "eval_batch_size", "epochs", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps={self.max_steps} must be >= 1 (or null)")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"train.dropout={self.dropout} must be in [0, 1)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision={self.precision!r} is not fp32 or bf16")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"train.device={self.device!r} is not one of cpu, cuda, auto")
+
+
+@dataclass
+class FinetuneConfig:
+    """`python -m finetune task=<name> model=<dir> [seeds=[1,2,3]] [optim.lr=2e-5] ...`"""
+
+    model: str = MISSING
+    """A pretraining run dir, a checkpoint (step_* dir, checkpoints/ or latest), or an HF RoBERTa dir."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; null: the HF dir's own, or the run's data.tokenizer."""
+    from_scratch: bool = False
+    """Random weights in the architecture of `model` (a baseline for what pretraining brings)."""
+    output_dir: Optional[str] = None
+    """Where results.json and best/ go; null: outputs/finetune/<task.name>."""
+    seeds: List[int] = field(default_factory=lambda: [1])
+    """One fine-tuning run per seed (head init, dropout, data order); the summary is over them."""
+    verify: bool = True
+    """Check a checkpoint's sha256 against its checkpoint.json before reading (false: sizes only)."""
+    save_best: bool = True
+    """Write `<output_dir>/best/`: the best seed's best epoch as an HF directory with the tokenizer."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """What to learn: task=<a file of conf/commands/task/>, and task.* keys (TaskConfig)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """optim.* (OptimConfig): lr, betas, eps, weight_decay, warmup_ratio, clip_grad_norm."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """train.* (TrainConfig): batch_size, eval_batch_size, epochs, max_steps, dropout, precision, device."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds=[] is empty: give at least one seed, e.g. seeds=[1,2,3]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} repeats a seed")
+
+    @property
+    def out_dir(self) -> str:
+        return self.output_dir or f"outputs/finetune/{self.task.name}"
