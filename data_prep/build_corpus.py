@@ -12,8 +12,8 @@ How it works, and what it promises:
     moves when files are added or reordered. Documents carry no <s>/</s>; text that reads "<mask>" is
     encoded as characters (data_prep.tokenizer.document_encoder).
   - Deterministic: the bytes depend only on the input and the settings (tokenizer, valid_fraction,
-    shard_tokens), never on `workers` or `num_tasks`: a K-task build merged gives exactly the files of a
-    one-process build. The manifest holds no timings (those go to the per-file records).
+    shard_tokens, join_lines), never on `workers` or `num_tasks`: a K-task build merged gives exactly
+    the files of a one-process build. The manifest holds no timings (those go to the per-file records).
   - Parallel: `workers`=1 (the default; use it) tokenizes in a background thread with the tokenizers
     library's own threads, which already use every core, while the main thread reads and writes a
     ~1 MB list of documents at a time (no Python work per document on the hot path). `workers`=N>1
@@ -85,6 +85,9 @@ class BuildCorpusArgs:
     """Share of documents in the valid split (chosen by a hash of each document's text)."""
     shard_tokens: int = 100_000_000
     """Start a new shard part after this many tokens."""
+    join_lines: bool = False
+    """Join the lines of each .txt document into one (a line break and the indentation around it become
+    one space: for hard-wrapped text); .jsonl is read as it is. A setting of the corpus (recorded)."""
     workers: int = 1
     """1 (best on few cores): tokenizers' own threads; N>1: N processes."""
     batch_bytes: int = 1 << 20
@@ -238,8 +241,10 @@ class Encoder:
 # ---------------------------------------------------------------- output directory bookkeeping
 
 def _settings(args: BuildCorpusArgs, paths: list[Path], tok: Tokenizer) -> dict:
-    """What defines the corpus bytes (and nothing that does not: no workers, tasks, timings)."""
-    return {
+    """What defines the corpus bytes (and nothing that does not: no workers, tasks, timings).
+    `join_lines` is recorded only when true, so a corpus built without it has the settings (and the
+    manifest bytes) it had before the option existed."""
+    settings = {
         "format_version": FORMAT_VERSION,
         "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in paths],
         "tokenizer_hash": tokenizer_hash(args.tokenizer),
@@ -248,6 +253,9 @@ def _settings(args: BuildCorpusArgs, paths: list[Path], tok: Tokenizer) -> dict:
         "valid_fraction": args.valid_fraction,
         "shard_tokens": args.shard_tokens,
     }
+    if args.join_lines:
+        settings["join_lines"] = True
+    return settings
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -426,7 +434,7 @@ def _build_file(out: Path, index: int, path: Path, encoder: Encoder, args: Build
             stale.unlink()
     stats = ReadStats()
     writers = {s: _SplitShards(out, s, index, dtype, args.shard_tokens) for s in SPLITS}
-    docs = read_document_lists(path, stats, progress)
+    docs = read_document_lists(path, stats, progress, join_lines=args.join_lines)
     for valid, lengths, ids in encoder.map(_batches(docs, args.batch_bytes)):
         for split, mine in (("train", ~valid), ("valid", valid)):
             if mine.all():

@@ -4,7 +4,8 @@
     python -m data_prep.build_tokenizer vocab=encoder.json merges=vocab.bpe output_dir=out/gpt2
 
 Training streams the documents (see data_prep.io) into the trainer; `max_bytes` trains on the first
-max_bytes of documents, a deterministic sample. Ids and file layout: see data_prep.tokenizer.
+max_bytes of documents, a deterministic sample; `join_lines=true` joins each .txt document's wrapped
+lines into one (give the corpus build the same). Ids and file layout: see data_prep.tokenizer.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class BuildTokenizerArgs:
     """A pair is merged only if seen this often."""
     max_bytes: int = 0
     """Train on the first max_bytes of documents (0: all)."""
+    join_lines: bool = False
+    """Join the lines of each .txt document into one (a line break and the indentation around it become
+    one space: for hard-wrapped text); .jsonl is read as it is. Build the corpus with the same value."""
     vocab: Optional[str] = None
     """Import instead of training: a GPT-2/RoBERTa vocab.json (with merges=)."""
     merges: Optional[str] = None
@@ -67,7 +71,8 @@ def build_tokenizer(args: BuildTokenizerArgs) -> dict:
         bar = Progress(paths, "reading", enabled=args.progress)
         try:
             tok = train_tokenizer(
-                iter_documents(paths, stats, max_bytes=args.max_bytes, progress=bar),
+                iter_documents(paths, stats, max_bytes=args.max_bytes, progress=bar,
+                               join_lines=args.join_lines),
                 args.vocab_size, args.min_frequency,
             )
         except TokenizerError:

@@ -3,7 +3,13 @@
 Formats (chosen by file name; each may also end in `.gz`):
   `.txt`    plain text; documents are separated by blank lines (a line of only whitespace counts
             as blank), the fairseq convention. A document's lines are joined with "\\n".
-  `.jsonl`  JSON lines; one document per line, in the field `text`.
+            With `join_lines` (for hard-wrapped text such as the bundled Jargon File) they are joined
+            into one line instead: every line is stripped of its leading and trailing whitespace
+            (indentation included, so indented code or tables are joined too) and the lines are
+            joined with one space ("wrapped\\n   text  \\n" -> "wrapped text"). Whitespace inside a
+            line is kept; documents are split on blank lines exactly as without it.
+  `.jsonl`  JSON lines; one document per line, in the field `text` (taken as it is: `join_lines`
+            applies to .txt only, as a JSON record's newlines are the writer's own choice).
 
 Bad input is handled, never a crash, and counted in `ReadStats`:
   - invalid UTF-8 bytes are replaced by U+FFFD (`invalid_utf8` counts the replacements; a JSON
@@ -152,27 +158,41 @@ def _blocks(path: Path, stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes
 
 # a blank-line separator: a newline, then one or more lines of only whitespace (other than "\n")
 _SEPARATOR = re.compile(r"\n(?:[^\S\n]*\n)+")
+# a line break inside a document with the whitespace around it (the previous line's trailing spaces,
+# the next one's indentation): what `join_lines` makes one space
+_LINE_BREAK = re.compile(r"[^\S\n]*\n[^\S\n]*")
+
+
+def join_wrapped_lines(document: str) -> str:
+    """A .txt document's lines as one line: each line break with the whitespace around it becomes one
+    space, and the document's leading and trailing whitespace is dropped (see `join_lines` above)."""
+    return _LINE_BREAK.sub(" ", document).strip()
 
 
 def _txt_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadStats,
-                   progress: "Progress | None") -> Iterator[list[str]]:
+                   progress: "Progress | None", join_lines: bool = False) -> Iterator[list[str]]:
     """Documents of a blank-line separated text, a block's worth at a time (split by one regex per
-    block, no Python loop per line); blank pieces are left for the caller to drop."""
+    block, no Python loop per line); blank pieces are left for the caller to drop. With `join_lines`,
+    each document's lines are joined into one (`join_wrapped_lines`)."""
     tail = "\n\n"  # text after the last separator seen; starts as one, so leading blank lines separate
+
+    def finished(parts: list[str]) -> list[str]:
+        return [join_wrapped_lines(part) for part in parts] if join_lines else parts
+
     for block in _blocks(path, stream):
         if progress is not None:
             progress.at(raw.tell())
         parts = _SEPARATOR.split(tail + _decode(block, stats).replace("\r\n", "\n"))
         tail = parts.pop()
-        yield parts
+        yield finished(parts)
     # at the end: an implicit final newline, so a last line of only whitespace is blank too
-    yield [part[:-1] if part.endswith("\n") else part for part in _SEPARATOR.split(tail + "\n")]
+    yield finished([part[:-1] if part.endswith("\n") else part for part in _SEPARATOR.split(tail + "\n")])
 
 
 def _jsonl_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadStats,
-                     progress: "Progress | None") -> Iterator[list[str]]:
+                     progress: "Progress | None", join_lines: bool = False) -> Iterator[list[str]]:
     """The `text` field of each JSON line, a block's worth at a time; blank lines between records
-    are not documents."""
+    are not documents. `join_lines` does not apply (see the module docstring)."""
     n = 0
     for block in _blocks(path, stream):
         if progress is not None:
@@ -194,8 +214,8 @@ def _jsonl_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadSta
 
 
 @contextmanager
-def _pieces(path: str | os.PathLike, stats: ReadStats,
-            progress: "Progress | None") -> Iterator[tuple[Iterator[list[str]], bool]]:
+def _pieces(path: str | os.PathLike, stats: ReadStats, progress: "Progress | None",
+            join_lines: bool = False) -> Iterator[tuple[Iterator[list[str]], bool]]:
     """(the file's pieces a block at a time, blank ones included; whether a blank piece counts as
     a skipped empty document, i.e. the file is .jsonl: in .txt a blank piece is a separator)."""
     path = Path(path)
@@ -205,18 +225,20 @@ def _pieces(path: str | os.PathLike, stats: ReadStats,
         raise InputError(f"{path}: no such file")
     stats.files += 1
     with _open_binary(path) as (stream, raw):
-        yield reader(path, stream, raw, stats, progress), kind == "jsonl"
+        yield reader(path, stream, raw, stats, progress, join_lines), kind == "jsonl"
         if progress is not None:
             progress.at(raw.tell())
             progress.end_file()
 
 
 def read_documents(
-    path: str | os.PathLike, stats: ReadStats | None = None, progress: "Progress | None" = None
+    path: str | os.PathLike, stats: ReadStats | None = None, progress: "Progress | None" = None,
+    join_lines: bool = False,
 ) -> Iterator[str]:
-    """Yield the documents of one file, in order, updating `stats` (and `progress`) as it reads."""
+    """Yield the documents of one file, in order, updating `stats` (and `progress`) as it reads;
+    `join_lines`: a .txt document's lines joined into one (see the module docstring)."""
     stats = stats if stats is not None else ReadStats()
-    with _pieces(path, stats, progress) as (blocks, count_blank):
+    with _pieces(path, stats, progress, join_lines) as (blocks, count_blank):
         for texts in blocks:
             for text in texts:
                 if not text or text.isspace():  # blank: the same test as `not text.strip()`
@@ -228,13 +250,14 @@ def read_documents(
 
 
 def read_document_lists(
-    path: str | os.PathLike, stats: ReadStats | None = None, progress: "Progress | None" = None
+    path: str | os.PathLike, stats: ReadStats | None = None, progress: "Progress | None" = None,
+    join_lines: bool = False,
 ) -> Iterator[list[str]]:
     """The documents of `read_documents`, as lists of about 1 MB of input each (the fast path for
     many short documents: no Python work per document beyond list comprehensions); `stats` is
     updated a list at a time."""
     stats = stats if stats is not None else ReadStats()
-    with _pieces(path, stats, progress) as (blocks, count_blank):
+    with _pieces(path, stats, progress, join_lines) as (blocks, count_blank):
         for texts in blocks:
             docs = [t for t in texts if t and not t.isspace()]  # non-blank, as in read_documents
             stats.skipped_empty += count_blank * (len(texts) - len(docs))
@@ -272,12 +295,14 @@ def iter_documents(
     stats: ReadStats | None = None,
     max_bytes: int = 0,
     progress: Progress | None = None,
+    join_lines: bool = False,
 ) -> Iterator[str]:
     """All documents of `paths` in order; with `max_bytes` > 0, stop at the first document that
-    brings the total past max_bytes (a deterministic prefix sample of the input)."""
+    brings the total past max_bytes (a deterministic prefix sample of the input). `join_lines`: see
+    `read_documents`."""
     stats = stats if stats is not None else ReadStats()
     for path in paths:
-        for doc in read_documents(path, stats, progress):
+        for doc in read_documents(path, stats, progress, join_lines):
             yield doc
             if max_bytes and stats.bytes >= max_bytes:
                 return

@@ -90,7 +90,8 @@ def build_task_model(pre: Pretrained, kind: str, num_labels: int, dropout: float
     config = pre.config
     if dropout is not None:
         config = dataclasses.replace(config, hidden_dropout=dropout, attention_dropout=dropout)
-    problem_type = "regression" if kind == "sequence_regression" else None
+    problem_type = {"sequence_regression": "regression",
+                    "sequence_classification": "single_label_classification"}.get(kind)
     model_kind = "sequence_classification" if kind == "sequence_regression" else kind
     n = 1 if kind == "sequence_regression" else num_labels
     if from_scratch:

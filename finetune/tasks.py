@@ -254,6 +254,16 @@ class TokenTask(Task):
     def train_items(self) -> list[Item]:
         return [Item(e.input_ids, e.labels) for e in self._encoded("train")]
 
+    def majority_baseline(self, split: str) -> float:
+        """Token accuracy of tagging every word with the most frequent training tag (O, in NER)."""
+        counts: dict[str, int] = {}
+        for r in self.data.splits["train"]:
+            for t in r["tags"]:
+                counts[t] = counts.get(t, 0) + 1
+        top = max(counts, key=lambda t: counts[t])
+        tags = [t for r in self.data.splits[split] for t in r["tags"]]
+        return sum(t == top for t in tags) / len(tags)
+
     def evaluate(self, model, split, device, batch_size, autocast) -> dict[str, float]:
         encoded = self._encoded(split)
         names = self.data.labels or []

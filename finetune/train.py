@@ -115,11 +115,10 @@ class Finetuner:
         return results
 
     def baselines(self) -> dict[str, float]:
+        """The validation accuracy of always answering the most frequent training label (or tag)."""
         majority = getattr(self.task, "majority_baseline", None)
-        if majority is None:
-            return {}
-        value = majority("validation")
-        return {} if value is None else {"majority_class_accuracy": value}
+        value = None if majority is None else majority("validation")
+        return {} if value is None else {"majority_accuracy": value}
 
     def summary(self, runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         summary = {}

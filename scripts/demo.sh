@@ -13,10 +13,11 @@ OUT=demo_out
 MARGIN=0.25  # nats the validation loss must end below the unigram entropy
 
 echo "== 1/7 tokenizer (vocab 8192) -> $OUT/tokenizer"
-$PY -m data_prep.build_tokenizer input=data/jargon.txt.gz output_dir=$OUT/tokenizer vocab_size=8192 progress=false
+$PY -m data_prep.build_tokenizer input=data/jargon.txt.gz output_dir=$OUT/tokenizer vocab_size=8192 progress=false \
+    join_lines=true
 echo "== 2/7 corpus -> $OUT/corpus"
 $PY -m data_prep.build_corpus input=data/jargon.txt.gz tokenizer=$OUT/tokenizer output_dir=$OUT/corpus \
-    valid_fraction=0.02 progress=false
+    valid_fraction=0.02 progress=false join_lines=true
 echo "== 3/7 pretraining: experiment=debug -> $OUT/run"
 rm -rf "$OUT/run"
 $PY -m pretrain.train experiment=debug data.corpus=$OUT/corpus data.tokenizer=$OUT/tokenizer \

@@ -16,7 +16,7 @@ import pytest
 from core.tokenizer import document_encoder, load_tokenizer, tokenizer_hash
 from data_prep.build_corpus import BuildCorpusArgs, build_corpus, is_valid_doc, merge
 from data_prep.corpus import Corpus, load_manifest
-from data_prep.io import InputError, ReadStats, read_document_lists, read_documents
+from data_prep.io import InputError, ReadStats, join_wrapped_lines, read_document_lists, read_documents
 from data_prep.shards import CorpusError
 from data_prep.tokenizer import import_gpt2, save_tokenizer
 
@@ -282,6 +282,34 @@ def test_a_different_corpus_is_refused_unless_overwrite(tmp_path, jargon_tokeniz
     (other / "manifest.json").write_text(json.dumps({"format_version": 1, "build": {}}))
     with pytest.raises(CorpusError, match="holds a different corpus"):
         build(tmp_path, "other", [inp], jargon_tokenizer)
+
+
+def test_join_lines_is_a_setting_of_the_corpus(tmp_path, jargon_tokenizer, jargon_path):
+    """join_lines=true joins each document's wrapped lines; the settings record it (and a default build
+    records nothing new), so a rebuild into the same directory with the other value is a different corpus."""
+    (inp,) = split_jargon(tmp_path, jargon_path, parts=1, max_docs=300)
+    plain = build(tmp_path, "plain", [inp], jargon_tokenizer, valid_fraction=0.0)
+    joined = build(tmp_path, "joined", [inp], jargon_tokenizer, valid_fraction=0.0, join_lines=True)
+    assert "join_lines" not in load_manifest(plain)["build"]["settings"]
+    assert load_manifest(joined)["build"]["settings"]["join_lines"] is True
+    assert corpus_bytes(plain) != corpus_bytes(joined)
+    enc = document_encoder(load_tokenizer(jargon_tokenizer))
+    train = Corpus.open(joined, "train")
+    docs = list(read_documents(inp))
+    assert len(train) == len(docs) == 300
+    for i in (0, 1, 150, 299):
+        text = enc.decode(train[i].tolist(), skip_special_tokens=False)
+        assert text == join_wrapped_lines(docs[i]) and "\n" not in text
+    assert sum("\n" in d for d in docs) > 100  # the input is wrapped
+    before = corpus_bytes(plain)
+    with pytest.raises(CorpusError, match=r"holds a different corpus \(settings differ in join_lines\)"):
+        build(tmp_path, "plain", [inp], jargon_tokenizer, valid_fraction=0.0, join_lines=True)
+    r = run_cli(f"input={inp}", f"tokenizer={jargon_tokenizer}", f"output_dir={joined}", "valid_fraction=0")
+    assert r.returncode == 2 and "settings differ in join_lines" in r.stderr and "Traceback" not in r.stderr
+    assert corpus_bytes(plain) == before
+    r = run_cli(f"input={inp}", f"tokenizer={jargon_tokenizer}", f"output_dir={joined}", "valid_fraction=0",
+                "join_lines=true", check=True)
+    assert "files_skipped=1" in r.stdout  # the same settings: the same corpus, nothing rebuilt
 
 
 def test_rerun_skips_verified_files_and_redoes_corrupt_ones(tmp_path, jargon_tokenizer, jargon_path):

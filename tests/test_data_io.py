@@ -8,7 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.io import InputError, ReadStats, expand_inputs, iter_documents, read_documents
+from data_prep.io import (
+    InputError,
+    ReadStats,
+    expand_inputs,
+    iter_documents,
+    join_wrapped_lines,
+    read_document_lists,
+    read_documents,
+)
 
 
 def docs_of(path: Path) -> tuple[list[str], ReadStats]:
@@ -163,3 +171,43 @@ def test_a_directory_as_input_says_so(tmp_path):
     (tmp_path / "texts").mkdir()
     with pytest.raises(InputError, match=r"texts: is a directory; give its files or a glob"):
         expand_inputs(str(tmp_path / "texts"))
+
+
+def test_join_lines_makes_a_wrapped_paragraph_one_line(tmp_path):
+    """join_lines: a line break and the whitespace around it become one space; blank lines still separate."""
+    p = tmp_path / "wrapped.txt"
+    p.write_text("   The first paragraph is\n   hard-wrapped  \n\tand indented.\n\n  \n"
+                 "   A second one,   with  inner spaces\r\n   kept.\n\nlast\n")
+    stats = ReadStats()
+    docs = list(read_documents(p, stats, join_lines=True))
+    assert docs == ["The first paragraph is hard-wrapped and indented.",
+                    "A second one,   with  inner spaces kept.", "last"]
+    assert stats.documents == 3 and stats.bytes == sum(len(d.encode()) for d in docs)
+    # without it the documents are what they always were
+    assert docs_of(p)[0] == ["   The first paragraph is\n   hard-wrapped  \n\tand indented.",
+                             "   A second one,   with  inner spaces\n   kept.", "last"]
+    assert list(iter_documents([p], join_lines=True)) == docs
+    assert [d for b in read_document_lists(p, join_lines=True) for d in b] == docs
+
+
+def test_join_lines_leaves_jsonl_as_it_is(tmp_path):
+    p = tmp_path / "a.jsonl"
+    texts = ["one\n   wrapped\n\ntwo paragraphs", "  padded  "]
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert list(read_documents(p, join_lines=True)) == texts
+
+
+def test_join_lines_matches_the_line_by_line_definition(tmp_path):
+    """Over several read blocks of random lines: the same documents as without it, each one's lines
+    stripped and joined with one space."""
+    rng = np.random.default_rng(1)
+    pieces = ["word", "ünï", " ", "\t", "  x  ", "\u3000", "\r"]
+    lines = ["" if rng.integers(0, 6) == 0 else "".join(rng.choice(pieces, size=int(rng.integers(1, 40))))
+             for _ in range(80_000)]
+    data = ("\n".join(lines) + "\n").encode()
+    p = tmp_path / "big.txt.gz"
+    p.write_bytes(gzip.compress(data))
+    assert len(data) > (1 << 20)
+    want = [" ".join(line.strip() for line in d.split("\n")) for d in reference_txt_documents(data)]
+    assert list(read_documents(p, join_lines=True)) == want
+    assert want == [join_wrapped_lines(d) for d in docs_of(p)[0]] and not any("\n" in d for d in want)

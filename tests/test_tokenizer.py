@@ -236,6 +236,22 @@ def test_txt_and_jsonl_gz_train_the_same_tokenizer_and_max_bytes_samples(tmp_pat
     assert tokenizer_hash(tmp_path / "s") != hashes[0]
 
 
+def test_join_lines_trains_on_the_joined_text(tmp_path, jargon_path):
+    """join_lines=true (the CLI setting): the wrapped lines' "\\n   " no longer make tokens of their own."""
+    docs = list(read_documents(jargon_path))[:3000]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs))
+    vocabs = {}
+    for join in ("false", "true"):
+        out = tmp_path / f"tok_{join}"
+        r = cli(f"input={tmp_path / 'a.txt'}", f"output_dir={out}", "vocab_size=1000", f"join_lines={join}",
+                "progress=false")
+        assert r.returncode == 0, r.stderr
+        # merged tokens holding Ċ, the byte-level BPE's "\\n" (the single byte is in every vocabulary)
+        vocabs[join] = [t for t in load_tokenizer(out).get_vocab() if "Ċ" in t and len(t) > 1]
+    assert vocabs["false"] and not vocabs["true"]
+    assert cli("--help").stdout.count("join_lines: Join the lines of each .txt document") == 1
+
+
 def test_missing_or_empty_input_fails_clearly(tmp_path):
     with pytest.raises(InputError, match="nope.txt: no such file"):
         build_tokenizer(BuildTokenizerArgs(output_dir=str(tmp_path / "o"), input=str(tmp_path / "nope.txt")))
