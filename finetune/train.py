@@ -208,7 +208,10 @@ class Finetuner:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
+        if self.env.world_size == 1:
+            return float(out.loss.detach())
+        # the batch's mean loss (each rank's mean weighted by its share), for the log
+        return float(distributed.all_reduce(out.loss.detach().float() * (mine / total)))
 
     def _bar(self, seed: int, epoch: int):
         if not self.cfg.train.progress_bar or self.env.rank != 0:

@@ -109,12 +109,12 @@ OVERFIT = {
 
 @pytest.mark.parametrize("kind", sorted(OVERFIT))
 def test_a_tiny_model_overfits_32_examples(kind, ckpt, hf_dir, small, tmp_path):
-    """Train and validate on the same examples: the metric reaches the bar, from the checkpoint (and the
-    sentiment task from the HF export too)."""
+    """Train and validate on the same examples: the metric reaches the bar, from the checkpoint and from its
+    HF export."""
     extra, metric, bar = OVERFIT[kind]
     files = [] if kind == "squad" else [f"task.train={small[kind]}"]
     validation = f"task.validation={SQUAD if kind == 'squad' else small[kind]}"
-    for source in [ckpt] + ([hf_dir] if kind == "sentiment" else []):
+    for source in (ckpt, hf_dir):
         out = tmp_path / f"{kind}_{source.name}"
         proc = run_finetune(f"model={source}", f"output_dir={out}", *extra, *files, validation, *FAST,
                             "optim.lr=2e-3", "optim.weight_decay=0", "train.epochs=30", "train.dropout=0",
@@ -271,3 +271,25 @@ def test_three_seeds_beat_the_majority_on_sentiment_and_wikigold(ckpt, tmp_path)
         assert summary["accuracy"]["min"] >= majority - 0.02, (task, summary["accuracy"], majority)
         if task == "wikigold":
             assert summary["f1"]["median"] > 0, summary["f1"]
+
+
+def test_two_ranks_under_torchrun_train_like_one(ckpt, small, tmp_path):
+    """DDP: each step's batch split over 2 ranks, gradients averaged: without dropout the same run as one
+    process, up to the order of float sums (losses within 1e-4 relative, the same validation metrics)."""
+    import os
+
+    args = [f"model={ckpt}", "task=classification", "task.text_field=sentence", f"task.train={small['sentiment']}",
+            f"task.validation={small['sentiment']}", *FAST, "optim.lr=1e-3", "train.epochs=2", "train.dropout=0",
+            "save_best=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_finetune(*args, f"output_dir={one}").returncode == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "finetune",
+                           *args, f"output_dir={two}"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = results(one), results(two)
+    assert a["world_size"] == 1 and b["world_size"] == 2
+    for ea, eb in zip(a["runs"][0]["epochs"], b["runs"][0]["epochs"]):
+        assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-4)
+        assert eb["validation"]["accuracy"] == ea["validation"]["accuracy"]
