@@ -146,7 +146,11 @@ class TrainConfig:
     dropout: Optional[float] = 0.1
     """Hidden, attention and classifier dropout (null: the pretrained model's own)."""
     precision: str = "fp32"
-    """fp32 or bf16 (autocast; on a GPU)."""
+    """fp32 or bf16 (torch: autocast; deepspeed: its bf16 mode; on a GPU)."""
+    backend: str = "torch"
+    """torch (one process, or DDP under torchrun / srun) or deepspeed (the pretraining engine, ZeRO 0-2)."""
+    zero_stage: int = 0
+    """DeepSpeed's ZeRO stage (0, 1 or 2; 3 partitions the weights the evaluation reads whole)."""
     device: str = "auto"
     """cpu, cuda or auto (cuda when there is one)."""
     log_every: int = 50
@@ -164,6 +168,10 @@ class TrainConfig:
             raise ValueError(f"train.dropout={self.dropout} must be in [0, 1)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision={self.precision!r} is not fp32 or bf16")
+        if self.backend not in ("torch", "deepspeed"):
+            raise ValueError(f"train.backend={self.backend!r} is not torch or deepspeed")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"train.zero_stage={self.zero_stage} is not 0, 1 or 2")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"train.device={self.device!r} is not one of cpu, cuda, auto")
 
@@ -191,7 +199,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """optim.* (OptimConfig): lr, betas, eps, weight_decay, warmup_ratio, clip_grad_norm."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """train.* (TrainConfig): batch_size, eval_batch_size, epochs, max_steps, dropout, precision, device."""
+    """train.* (TrainConfig): batch_size, epochs, max_steps, dropout, precision, backend, device, ..."""
 
     def __post_init__(self) -> None:
         if not self.seeds:

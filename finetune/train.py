@@ -15,7 +15,8 @@ scored on test, when the task has one). Written to `<output_dir>/`:
                    id2label/label2id and problem_type, model.safetensors, the tokenizer files)
 
 and the summary is printed as a table. With several ranks (torchrun, srun) each optimizer step's batch
-is split over the ranks and the gradients averaged (DDP); every rank evaluates, rank 0 writes.
+is split over the ranks and the gradients averaged (DDP, or DeepSpeed with `train.backend=deepspeed`,
+ZeRO 0-2); every rank evaluates, rank 0 writes.
 Exit codes: 0 done, 2 refused at start-up (a bad setting or input file, named).
 """
 from __future__ import annotations
@@ -66,7 +67,8 @@ class Finetuner:
         self.data = load_task_data(cfg.task)
         self.task: Task = make_task(cfg.task, self.data, self.pretrained.tokenizer)
         self.items = self.task.train_items()
-        self.autocast = _autocast(device, cfg.train.precision)
+        deepspeed_bf16 = cfg.train.backend == "deepspeed" and cfg.train.precision == "bf16"
+        self.autocast = _autocast(device, "fp32" if deepspeed_bf16 else cfg.train.precision)
         self.metric = cfg.task.selection_metric
         world = env.world_size
         if cfg.train.batch_size % world:
@@ -138,11 +140,7 @@ class Finetuner:
     def one_seed(self, seed: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         cfg, t = self.cfg, self.cfg.train
         model = self.new_model(seed).to(self.device)
-        torch.manual_seed(seed + 1)  # dropout
-        ddp = model
-        if self.env.world_size > 1:
-            ddp = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        torch.manual_seed(seed + 1 + distributed.SEED_STRIDE * self.env.rank)  # dropout, per rank
         groups = param_groups(model, cfg.optim.weight_decay)
         fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -150,6 +148,7 @@ class Finetuner:
         warmup = int(cfg.optim.warmup_ratio * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_at(s, cfg.optim.lr, warmup, self.total_steps) / cfg.optim.lr)
+        runner = self.engine(model, optimizer, scheduler)
         rng = np.random.default_rng(seed)
         epochs, best_value, best_state, best_epoch, step = [], None, None, 0, 0
         for epoch in range(1, t.epochs + 1):
@@ -158,7 +157,7 @@ class Finetuner:
             order = rng.permutation(len(self.items))
             losses, started = [], time.time()
             bar = self._bar(seed, epoch)
-            ddp.train()
+            runner.train()
             for start in range(0, len(order), t.batch_size):
                 if step >= self.total_steps:
                     break
@@ -166,8 +165,9 @@ class Finetuner:
                 if len(chunk) < self.env.world_size:
                     break  # a last batch too small to give every rank an example
                 mine = np.array_split(chunk, self.env.world_size)[self.env.rank]
-                loss = self.train_step(ddp, optimizer, [self.items[i] for i in mine], len(mine), len(chunk))
-                scheduler.step()
+                loss = self.train_step(runner, optimizer, [self.items[i] for i in mine], len(mine), len(chunk))
+                if cfg.train.backend == "torch":
+                    scheduler.step()  # DeepSpeed's engine steps it itself
                 step += 1
                 losses.append(loss)
                 if bar is not None:
@@ -195,19 +195,43 @@ class Finetuner:
             result["test"] = self.task.evaluate(model, "test", self.device, t.eval_batch_size, self.autocast)
         return result, best_state
 
-    def train_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, items: list, mine: int,
-                   total: int) -> float:
+    def engine(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Any:
+        """What trains `model`: itself (one process), DDP over the ranks, or a DeepSpeed engine (ZeRO 0-2),
+        which owns the optimizer and scheduler steps."""
+        t = self.cfg.train
+        if t.backend == "deepspeed":
+            import deepspeed
+
+            config = {"train_batch_size": t.batch_size, "gradient_accumulation_steps": 1,
+                      "train_micro_batch_size_per_gpu": t.batch_size // self.env.world_size,
+                      "gradient_clipping": self.cfg.optim.clip_grad_norm, "bf16": {"enabled": t.precision == "bf16"},
+                      "zero_optimization": {"stage": t.zero_stage}, "zero_allow_untested_optimizer": True,
+                      "zero_force_ds_cpu_optimizer": False, "steps_per_print": 2**62}
+            with contextlib.redirect_stdout(sys.stderr):
+                engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                       config=config)
+            return engine
+        if self.env.world_size > 1:
+            return nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def train_step(self, model: Any, optimizer: torch.optim.Optimizer, items: list, mine: int, total: int) -> float:
         """Forward/backward this rank's share of the step's batch, average the gradients, step."""
         batch = {k: v.to(self.device) for k, v in self.task.collate(items).items()}
         with self.autocast():
             out = model(**batch)
-        # each rank's mean loss weighted by its share, so the DDP average is the batch mean
+        # each rank's mean loss weighted by its share, so the average over the ranks is the batch mean
         loss = out.loss * (mine * self.env.world_size / total)
-        loss.backward()
-        if self.cfg.optim.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if self.cfg.train.backend == "deepspeed":
+            model.backward(loss)
+            model.step()  # clipping, the optimizer, the scheduler, zeroing the gradients
+        else:
+            loss.backward()
+            if self.cfg.optim.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.env.world_size == 1:
             return float(out.loss.detach())
         # the batch's mean loss (each rank's mean weighted by its share), for the log
@@ -251,7 +275,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     env = distributed.detect()
     setup_logging(env.rank)
     device = distributed.select_device(env, cfg.train.device)
-    distributed.init(env, device, 600, use_deepspeed=False)
+    distributed.init(env, device, 600, use_deepspeed=cfg.train.backend == "deepspeed")
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
     return Finetuner(cfg, env, device).run()
 

@@ -274,22 +274,27 @@ def test_three_seeds_beat_the_majority_on_sentiment_and_wikigold(ckpt, tmp_path)
 
 
 def test_two_ranks_under_torchrun_train_like_one(ckpt, small, tmp_path):
-    """DDP: each step's batch split over 2 ranks, gradients averaged: without dropout the same run as one
-    process, up to the order of float sums (losses within 1e-4 relative, the same validation metrics)."""
+    """DDP, and DeepSpeed ZeRO-2: each step's batch split over 2 ranks, gradients averaged: without dropout
+    the same run as one process, up to the order of float sums (losses within 1e-4 relative, the same
+    validation metrics)."""
     import os
 
     args = [f"model={ckpt}", "task=classification", "task.text_field=sentence", f"task.train={small['sentiment']}",
             f"task.validation={small['sentiment']}", *FAST, "optim.lr=1e-3", "train.epochs=2", "train.dropout=0",
             "save_best=false"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     assert run_finetune(*args, f"output_dir={one}").returncode == 0
+    a = results(one)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "finetune",
-                           *args, f"output_dir={two}"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**env, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = results(one), results(two)
-    assert a["world_size"] == 1 and b["world_size"] == 2
-    for ea, eb in zip(a["runs"][0]["epochs"], b["runs"][0]["epochs"]):
-        assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-4)
-        assert eb["validation"]["accuracy"] == ea["validation"]["accuracy"]
+    for backend in ("torch", "deepspeed"):
+        out = tmp_path / backend
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                               "finetune", *args, f"output_dir={out}", f"train.backend={backend}",
+                               "train.zero_stage=2"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**env, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        b = results(out)
+        assert a["world_size"] == 1 and b["world_size"] == 2 and b["train"]["backend"] == backend
+        for ea, eb in zip(a["runs"][0]["epochs"], b["runs"][0]["epochs"]):
+            assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-4), backend
+            assert eb["validation"]["accuracy"] == ea["validation"]["accuracy"], backend
