@@ -80,6 +80,9 @@ def test_every_shipped_task_composes_and_validates(name):
 
 def test_bad_settings_exit_2_naming_the_key(ckpt, small, tmp_path):
     base = [f"model={ckpt}", f"output_dir={tmp_path / 'o'}", *FAST]
+    odd = tmp_path / "odd_label.jsonl"
+    odd.write_text(json.dumps({"sentence": "fine", "label": "pos"}) + "\n" +
+                   json.dumps({"sentence": "hm", "label": "maybe"}) + "\n")
     for extra, message in [
         (["task=classification", f"task.train={small['sentiment']}", "task.kind=sorting"], "task.kind='sorting'"),
         (["task=classification", f"task.train={small['sentiment']}", "optim.lr=0"], "optim.lr=0"),
@@ -88,6 +91,9 @@ def test_bad_settings_exit_2_naming_the_key(ckpt, small, tmp_path):
         (["task=classification", f"task.train={tmp_path / 'missing.jsonl'}"], "missing.jsonl"),
         (["task=classification", f"task.train={small['sentiment']}", "task.text_field=nope"], "nope"),
         (["task=movie_sentiment", f"model={tmp_path / 'no_model'}"], "no_model"),
+        (["task=classification", f"task.train={small['sentiment']}", f"task.validation={odd}",
+          "task.text_field=sentence"], "'maybe'"),
+        (["task=movie_sentiment", "train.backend=deepspeed", "train.zero_stage=3"], "train.zero_stage=3"),
     ]:
         proc = run_finetune(*base, *extra)
         assert proc.returncode == EXIT_BAD_INPUT, (extra, proc.stdout[-2000:], proc.stderr[-2000:])
