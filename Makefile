@@ -32,6 +32,7 @@ bench: install
 	$(PY) -m bench.loader
 	$(PY) -m bench.train
 	$(PY) -m bench.server
+	$(PY) -m bench.finetune
 
 clean:
 	rm -rf $(VENV) outputs demo_out

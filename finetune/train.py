@@ -142,9 +142,9 @@ class Finetuner:
         model = self.new_model(seed).to(self.device)
         torch.manual_seed(seed + 1 + distributed.SEED_STRIDE * self.env.rank)  # dropout, per rank
         groups = param_groups(model, cfg.optim.weight_decay)
-        fused = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        # fused on the CPU too: one kernel per parameter group (~5x faster than foreach there, bench/finetune.py)
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                      weight_decay=cfg.optim.weight_decay, **fused)
+                                      weight_decay=cfg.optim.weight_decay, fused=True)
         warmup = int(cfg.optim.warmup_ratio * self.total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_at(s, cfg.optim.lr, warmup, self.total_steps) / cfg.optim.lr)
