@@ -19,7 +19,6 @@ from omegaconf import MISSING
 KINDS = ("sequence_classification", "sequence_regression", "token_classification", "extractive_qa")
 """What a task is: a label per text (or text pair), a number per text, a tag per word, an answer span."""
 FORMATS = ("json", "jsonl", "csv", "tsv", "conll", "squad")
-PROBLEM_TYPES = ("single_label_classification", "regression")
 LABEL_TRANSFORMS = ("sign",)
 """`sign`: a number becomes "negative" (< 0) or "positive" (> 0); exactly 0 is dropped (counted)."""
 DEFAULT_METRIC = {"sequence_classification": "accuracy", "sequence_regression": "pearson",
