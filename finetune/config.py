@@ -28,7 +28,7 @@ DEFAULT_METRIC = {"sequence_classification": "accuracy", "sequence_regression": 
 
 @dataclass
 class TaskConfig:
-    """One downstream task (a file of conf/task/, or `task.*=` overrides)."""
+    """One downstream task (a file of conf/commands/task/, or `task.*=` overrides)."""
 
     name: str = MISSING
     """The task's name (the output directory's default name)."""

@@ -28,8 +28,8 @@ from core.tokenizer import special_ids
 from finetune import data as data_io
 from finetune import metrics as M
 from finetune.config import TaskConfig
-from finetune.encode import collate, encode_sequences, encode_words, word_predictions
-from finetune.qa import qa_features, qa_predictions
+from finetune.encode import Encoded, collate, encode_sequences, encode_words, word_predictions
+from finetune.qa import QAFeature, qa_features, qa_predictions
 
 log = logging.getLogger("finetune.tasks")
 
@@ -155,15 +155,23 @@ class Item:
 
 
 class Task:
-    """What every kind provides to the loop (finetune/train.py)."""
-
-    kind: str
-    forward_keys: tuple[str, ...] = ("labels",)
+    """What every kind provides to the loop (finetune/train.py). A split is encoded once (`encoded`), on
+    first use, and kept: every epoch's evaluation reads the same rows."""
 
     def __init__(self, cfg: TaskConfig, data: TaskData, tokenizer: Tokenizer):
         self.cfg, self.data, self.tokenizer = cfg, data, tokenizer
         self.pad_id = special_ids(tokenizer)["pad"]
         self.truncated: dict[str, int] = {}
+        self._encoded: dict[str, Any] = {}
+
+    def encoded(self, split: str) -> Any:
+        """The model inputs of `split` (the kind's `_encode`), computed once."""
+        if split not in self._encoded:
+            self._encoded[split] = self._encode(split)
+        return self._encoded[split]
+
+    def _encode(self, split: str) -> Any:
+        raise NotImplementedError
 
     @property
     def num_labels(self) -> int:
@@ -196,7 +204,7 @@ class Task:
 class SequenceTask(Task):
     """A label (or a number) per text or text pair, from the `<s>` token (HF's classification head)."""
 
-    def _rows(self, split: str) -> list[list[int]]:
+    def _encode(self, split: str) -> list[list[int]]:
         records = self.data.splits[split]
         pairs = [r["pair"] for r in records] if self.cfg.pair_field else None
         rows, stats = encode_sequences(self.tokenizer, [r["text"] for r in records], pairs, self.cfg.max_length)
@@ -214,7 +222,7 @@ class SequenceTask(Task):
         return [index[str(r["label"])] for r in records]
 
     def train_items(self) -> list[Item]:
-        return [Item(ids, t) for ids, t in zip(self._rows("train"), self._targets("train"))]
+        return [Item(ids, t) for ids, t in zip(self.encoded("train"), self._targets("train"))]
 
     def majority_baseline(self, split: str) -> float | None:
         """Accuracy of always answering the most frequent training label (classification only)."""
@@ -226,7 +234,7 @@ class SequenceTask(Task):
     def predictions(self, model: nn.Module, split: str, device: torch.device, batch_size: int,
                     autocast: Callable[[], Any]) -> np.ndarray:
         logits = [out.logits.float().cpu() for out, _ in
-                  self._forward_all(model, self._rows(split), device, batch_size, autocast)]
+                  self._forward_all(model, self.encoded(split), device, batch_size, autocast)]
         return torch.cat(logits).numpy()
 
     def evaluate(self, model, split, device, batch_size, autocast) -> dict[str, float]:
@@ -240,7 +248,7 @@ class SequenceTask(Task):
 class TokenTask(Task):
     """A tag per word, predicted at the word's first sub-token (HF's run_ner alignment)."""
 
-    def _encoded(self, split: str):
+    def _encode(self, split: str) -> list[Encoded]:
         records = self.data.splits[split]
         index = {name: i for i, name in enumerate(self.data.labels or [])}
         tags = [[index[t] for t in r["tags"]] for r in records]
@@ -252,7 +260,7 @@ class TokenTask(Task):
         return encoded
 
     def train_items(self) -> list[Item]:
-        return [Item(e.input_ids, e.labels) for e in self._encoded("train")]
+        return [Item(e.input_ids, e.labels) for e in self.encoded("train")]
 
     def majority_baseline(self, split: str) -> float:
         """Token accuracy of tagging every word with the most frequent training tag (O, in NER)."""
@@ -265,7 +273,7 @@ class TokenTask(Task):
         return sum(t == top for t in tags) / len(tags)
 
     def evaluate(self, model, split, device, batch_size, autocast) -> dict[str, float]:
-        encoded = self._encoded(split)
+        encoded = self.encoded(split)
         names = self.data.labels or []
         pred_tags = []
         outputs = self._forward_all(model, [e.input_ids for e in encoded], device, batch_size, autocast)
@@ -284,19 +292,17 @@ class TokenTask(Task):
 class QATask(Task):
     """An answer span per question, over windows of a long context (HF's run_qa pre/post-processing)."""
 
-    forward_keys = ("start_positions", "end_positions")
-
     @property
     def num_labels(self) -> int:
         return 2
 
-    def _features(self, split: str):
+    def _encode(self, split: str) -> list[QAFeature]:
         c = self.cfg
         return qa_features(self.tokenizer, self.data.splits[split], max_length=c.max_length, stride=c.stride,
                            max_question_length=c.max_question_length)
 
     def train_items(self) -> list[Item]:
-        return [Item(f.input_ids, (f.start_position, f.end_position)) for f in self._features("train")]
+        return [Item(f.input_ids, (f.start_position, f.end_position)) for f in self.encoded("train")]
 
     def collate(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
         batch = collate([it.input_ids for it in items], self.pad_id)
@@ -304,7 +310,7 @@ class QATask(Task):
         return {**batch, "start_positions": targets[:, 0], "end_positions": targets[:, 1]}
 
     def evaluate(self, model, split, device, batch_size, autocast) -> dict[str, float]:
-        features = self._features(split)
+        features = self.encoded(split)
         starts: list[np.ndarray] = []
         ends: list[np.ndarray] = []
         for out, mask in self._forward_all(model, [f.input_ids for f in features], device, batch_size, autocast):
@@ -323,9 +329,7 @@ class QATask(Task):
 def make_task(cfg: TaskConfig, data: TaskData, tokenizer: Tokenizer) -> Task:
     cls = {"sequence_classification": SequenceTask, "sequence_regression": SequenceTask,
            "token_classification": TokenTask, "extractive_qa": QATask}[cfg.kind]
-    task = cls(cfg, data, tokenizer)
-    task.kind = cfg.kind
-    return task
+    return cls(cfg, data, tokenizer)
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:
