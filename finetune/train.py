@@ -277,7 +277,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     device = distributed.select_device(env, cfg.train.device)
     distributed.init(env, device, 600, use_deepspeed=cfg.train.backend == "deepspeed")
     torch.use_deterministic_algorithms(device.type == "cpu", warn_only=True)
-    return Finetuner(cfg, env, device).run()
+    results = Finetuner(cfg, env, device).run()
+    distributed.shutdown()
+    return results
 
 
 @command("finetune", FinetuneConfig, refused=REFUSED)

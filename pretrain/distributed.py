@@ -15,13 +15,14 @@ ranks stop after the same step, write a checkpoint, and exit with `EXIT_STOPPED`
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -163,6 +164,42 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@contextlib.contextmanager
+def rank_zero_first(what: str) -> Iterator[None]:
+    """Run the block on rank 0 first, then on the other ranks (which then find rank 0's work done: a
+    cache, a converted checkpoint). An error on rank 0 is shared: the other ranks raise instead of
+    waiting at a barrier for a rank that is gone. `what` names the work in that error."""
+    if not initialized():
+        yield
+        return
+    if rank() == 0:
+        error: str | None = None
+        try:
+            yield
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"
+            broadcast_object(error)
+            raise
+        broadcast_object(error)
+    else:
+        error = broadcast_object(None)
+        if error is not None:
+            raise RuntimeError(f"rank 0 failed while {what}: {error}")
+        yield
+
+
+def shutdown(wait: bool = True) -> None:
+    """Destroy the process group (multi-rank groups only) before the interpreter exits: a gloo group
+    left to the exit can abort a rank ("terminate called without an active exception") while its peer
+    closes its connections. `wait`: a barrier first, when every rank ends here together (not after an
+    error that only some ranks saw)."""
+    if not initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 class StopSignal:

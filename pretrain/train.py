@@ -380,7 +380,9 @@ def _task(cfg: DictConfig) -> None:
         code = run(cfg)
     except (ConfigError, CorpusError, ResumeError) as e:
         log.error("%s", e)
-        sys.exit(EXIT_BAD_INPUT)
+        code = EXIT_BAD_INPUT
+    # Every rank ends here together, except after a full disk, which one rank may see alone.
+    distributed.shutdown(wait=code != distributed.EXIT_NO_SPACE)
     if code:
         sys.exit(code)
 

@@ -78,3 +78,53 @@ def test_stop_signal_hands_over_nothing_for_default_handlers():
         assert stop.requested
     finally:
         signal.signal(signal.SIGUSR1, before)
+
+
+RANK_ZERO_FIRST = r'''
+import os, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from pretrain import distributed
+out = Path(sys.argv[1]); fail = sys.argv[2] == "fail"
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+try:
+    with distributed.rank_zero_first("making the cache"):
+        if rank == 0:
+            time.sleep(0.5)  # rank 1 would get here first without the ordering
+            if fail:
+                raise OSError("disk gone")
+            (out / "cache").write_text("made by 0")
+        else:
+            (out / "seen-by-1").write_text((out / "cache").read_text())
+    (out / f"done-{rank}").write_text("ok")
+except BaseException as e:
+    (out / f"error-{rank}").write_text(f"{type(e).__name__}: {e}")
+distributed.shutdown()
+'''
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_rank_zero_first_orders_the_ranks_and_shares_an_error(tmp_path, mode):
+    """Rank 0 does the work before the others start it; an error on rank 0 reaches rank 1 instead of
+    leaving it at a barrier; both processes exit cleanly (the group destroyed before the exit)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text(RANK_ZERO_FIRST)
+    from checkpoint_fixtures import _free_port
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(script), str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if mode == "ok":
+        assert (tmp_path / "seen-by-1").read_text() == "made by 0"
+        assert (tmp_path / "done-0").exists() and (tmp_path / "done-1").exists()
+    else:
+        assert (tmp_path / "error-0").read_text() == "OSError: disk gone"
+        assert (tmp_path / "error-1").read_text() == \
+            "RuntimeError: rank 0 failed while making the cache: OSError: disk gone"
+        assert not (tmp_path / "done-1").exists()

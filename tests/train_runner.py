@@ -135,6 +135,9 @@ def main(argv: list[str]) -> int:
         os._exit(1)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["result"]).write_text(json.dumps(results))
+    from pretrain import distributed
+
+    distributed.shutdown()
     return 0
 
 
