@@ -131,9 +131,25 @@ def init(env: DistEnv, device: torch.device, timeout_s: int, use_deepspeed: bool
     if use_deepspeed:
         import deepspeed
 
+        if device.type == "cpu":
+            _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)
     elif env.world_size > 1:
         dist.init_process_group(backend=backend, timeout=timeout)
+
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+"""DeepSpeed's shared-memory all-reduce for CPU inference (`inference_all_reduce`), which training never
+calls: DeepSpeed JIT-builds it with g++ on every `init_distributed` on a CPU (~40 s on a fresh machine),
+and a build killed midway leaves a lock under ~/.cache/torch_extensions that hangs every later start."""
+
+
+def _skip_shm_comm_op() -> None:
+    """Mark SHM_COMM_OP incompatible in DeepSpeed's table of ops (the one `build_shm_op` reads), so that
+    `init_distributed` on a CPU builds nothing and all collectives go through gloo, as they do anyway."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def initialized() -> bool:

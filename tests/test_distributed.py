@@ -128,3 +128,26 @@ def test_rank_zero_first_orders_the_ranks_and_shares_an_error(tmp_path, mode):
         assert (tmp_path / "error-1").read_text() == \
             "RuntimeError: rank 0 failed while making the cache: OSError: disk gone"
         assert not (tmp_path / "done-1").exists()
+
+
+def test_deepspeed_on_a_cpu_builds_no_shared_memory_op(tmp_path):
+    """`init` on a CPU keeps DeepSpeed from JIT-building its shm all-reduce op (training never uses it;
+    a build killed midway hangs every later start): the comm backend comes up without it, in a fresh
+    process with an empty extensions cache, and collectives work."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, torch.distributed as dist\n"
+        "from pretrain import distributed\n"
+        "distributed.init(distributed.detect({}), torch.device('cpu'), 60, use_deepspeed=True)\n"
+        "import deepspeed.comm.comm as ds_comm\n"
+        "x = torch.ones(2); dist.all_reduce(x)\n"
+        "print('shm', ds_comm.cdb.shm_comm_op, x.tolist())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), DS_ACCELERATOR="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "shm None [1.0, 1.0]" in proc.stdout
+    assert not (tmp_path / "ext").exists() or not any((tmp_path / "ext").rglob("*.so"))
