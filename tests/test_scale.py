@@ -114,3 +114,19 @@ def test_a_large_epoch_permutation_is_written_once_and_mapped(tmp_path):
         f"permutation-{n}-7-1.npy", f"permutation-{n}-7-2.npy"]  # epoch 0 removed at epoch 2
     small = load_epoch_permutation(cache, 1000, 7, 0)  # small epochs stay in memory
     assert not isinstance(small, np.memmap) and np.array_equal(small, epoch_permutation(1000, 7, 0))
+
+
+def test_the_scale_benchmarks_run_at_a_tiny_size(tmp_path):
+    """bench/scale.py and bench/prep_scale.py end to end, tiny (their figures are in docs/PERFORMANCE.md)."""
+    r = subprocess.run([sys.executable, "-m", "bench.scale", "--docs", "3000", "--shards", "3", "--seq-len", "32",
+                        "--dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(r.stdout.strip().splitlines()[-1])["runs"]
+    assert [(x["packing"], x["start"]) for x in runs] == [
+        (p, s) for p in ("full_sentences", "doc_sentences") for s in ("first", "reopen")]
+    assert all(x["index_s"] > 0 for x in runs[::2]) and all(x["index_s"] == 0 for x in runs[1::2])
+    r = subprocess.run([sys.executable, "-m", "bench.prep_scale", "--files", "30", "--tasks", "2"],
+                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    (result,) = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["files"] == 30 and result["build_dir_files"] == 7 and result["train_start_fds"] > 0
