@@ -130,3 +130,85 @@ def test_the_scale_benchmarks_run_at_a_tiny_size(tmp_path):
     assert r.returncode == 0, r.stderr
     (result,) = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["files"] == 30 and result["build_dir_files"] == 7 and result["train_start_fds"] > 0
+
+
+
+
+_OPEN_DATA = r"""
+import json, sys
+import torch
+from hydra import compose, initialize_config_dir
+import data_prep.corpus
+import pretrain.data
+from core.tokenizer import tokenizer_hash
+from data_prep.shards import CorpusError
+from pretrain import distributed
+from pretrain.config import CONF_DIR, to_run_config
+from pretrain.train import open_data
+
+counts = {"hashed": 0, "indexed": 0}
+sha, write_index = data_prep.corpus.file_sha256, pretrain.data._write_index
+def counted_sha(path):
+    counts["hashed"] += 1
+    return sha(path)
+def counted_index(*args):
+    counts["indexed"] += 1
+    return write_index(*args)
+data_prep.corpus.file_sha256, pretrain.data._write_index = counted_sha, counted_index
+env = distributed.detect()
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    cfg = compose("pretrain", overrides=sys.argv[1:])
+run = to_run_config(cfg, env.world_size)
+distributed.init(env, torch.device("cpu"), 120, use_deepspeed=False)
+try:
+    loader, valid = open_data(run, env, tokenizer_hash(run.data.tokenizer))
+    code, error = 0, None
+except CorpusError as e:
+    code, error = 2, str(e)
+print(json.dumps({"rank": env.rank, "error": error, **counts}), flush=True)
+distributed.shutdown(wait=True)
+sys.exit(code)
+"""
+
+
+def test_rank_zero_verifies_and_indexes_first_and_a_damaged_corpus_is_refused_on_every_rank(
+        tmp_path, jargon_corpus, jargon_tokenizer):
+    """`pretrain.train.open_data` on 2 ranks (gloo): rank 0 hashes the corpus and writes the block index;
+    rank 1 then hashes nothing and writes nothing (`.verified.json`, `cache/`). A damaged shard is refused
+    (exit 2) on both ranks: rank 0 names the file, rank 1 gets rank 0's error instead of waiting."""
+    import os
+    import shutil
+    import socket
+
+    good = Path(shutil.copytree(jargon_corpus, tmp_path / "good", ignore=shutil.ignore_patterns(".verified.json", "cache")))
+    bad = Path(shutil.copytree(good, tmp_path / "bad"))
+    shard = bad / "train-00000-00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[1001] ^= 1
+    shard.write_bytes(bytes(data))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+
+    def open_on_two_ranks(corpus: Path) -> tuple[int, dict[int, dict]]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        overrides = [f"data.corpus={corpus}", f"data.tokenizer={jargon_tokenizer}", f"trainer.output_dir={tmp_path}/run",
+                     "data.seq_len=32", "schedule.global_batch_size=4", "system.micro_batch_size=2",
+                     "system.num_workers=0", "wandb.enabled=false"]
+        script = tmp_path / "open_data.py"
+        script.write_text(_OPEN_DATA)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(port), str(script), *overrides],
+                           cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+        lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+        assert len(lines) == 2, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.returncode, {x["rank"]: x for x in lines}
+
+    code, ranks = open_on_two_ranks(good)
+    assert code == 0 and ranks[0]["error"] is None and ranks[1]["error"] is None, ranks
+    assert ranks[0]["hashed"] == 2 * len(list(good.glob("*.bin"))) and ranks[0]["indexed"] == 2  # train, valid
+    assert ranks[1]["hashed"] == 0 and ranks[1]["indexed"] == 0
+    code, ranks = open_on_two_ranks(bad)
+    assert code != 0 and set(ranks) == {0, 1}, ranks
+    assert ranks[0]["error"].startswith(f"{shard}: sha256")
+    assert ranks[1]["error"].startswith("rank 0 failed while verifying the corpus") and str(shard) in ranks[1]["error"]
