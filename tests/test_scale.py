@@ -119,13 +119,13 @@ def test_a_large_epoch_permutation_is_written_once_and_mapped(tmp_path):
 def test_the_scale_benchmarks_run_at_a_tiny_size(tmp_path):
     """bench/scale.py and bench/prep_scale.py end to end, tiny (their figures are in docs/PERFORMANCE.md)."""
     r = subprocess.run([sys.executable, "-m", "bench.scale", "--docs", "3000", "--shards", "3", "--seq-len", "32",
-                        "--dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600)
+                        "--workers", "1", "--dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr
     runs = json.loads(r.stdout.strip().splitlines()[-1])["runs"]
     assert [(x["packing"], x["start"]) for x in runs] == [
         (p, s) for p in ("full_sentences", "doc_sentences") for s in ("first", "reopen")]
     assert all(x["index_s"] > 0 for x in runs[::2]) and all(x["index_s"] == 0 for x in runs[1::2])
-    r = subprocess.run([sys.executable, "-m", "bench.prep_scale", "--files", "30", "--tasks", "2"],
+    r = subprocess.run([sys.executable, "-m", "bench.prep_scale", "--files", "30"],
                        capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr
     (result,) = json.loads(r.stdout.strip().splitlines()[-1])
