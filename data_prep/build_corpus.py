@@ -485,7 +485,7 @@ def _shard_name(split: str, index: int, part: int) -> str:
 # ---------------------------------------------------------------- the build
 
 class _SplitShards:
-    """The shards of one split of one input file: `<split>-<index>-<part>`, a new part once a part
+    """The shards of one split of one unit of work: `<split>-<unit>-<part>`, a new part once a part
     reaches `shard_tokens` tokens (the document that crosses the limit ends its part)."""
 
     def __init__(self, out: Path, split: str, index: int, dtype: np.dtype, shard_tokens: int):
