@@ -118,7 +118,7 @@ def time_build(
     if r.returncode != 0:
         raise RuntimeError(f"build failed ({r.returncode}): {r.stderr}")
     seconds = float(r.stdout.split("seconds=")[1].split()[0])
-    file_seconds = json.loads((out / BUILD_DIR / "file-00000.json").read_text())["seconds"]
+    file_seconds = sum(json.loads(r.read_text())["seconds"] for r in (out / BUILD_DIR).glob("unit-*.json"))
     rss = int(r.stdout.split("peak_rss_kib=")[1].split()[0]) * 1024
     return seconds, file_seconds, rss
 

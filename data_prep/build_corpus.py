@@ -5,15 +5,19 @@
     python -m data_prep.build_corpus merge=true output_dir=out/corpus  # after all tasks: manifest.json
 
 How it works, and what it promises:
-  - Units of work are input files. The sorted input list numbers them; file i writes the shards
-    `<split>-<iiiii>-<ppppp>.bin/.idx` (a new part every `shard_tokens` tokens) and, when complete, a
-    record `.build/file-<iiiii>.json` (its shard entries with sha256, its counters).
+  - Units of work, independent of the number of tasks (`plan_units`): the sorted input list is cut into
+    units of about `unit_bytes` on disk. Consecutive small files are grouped into one unit; an
+    uncompressed .txt/.jsonl larger than `unit_bytes` is cut into byte ranges at document starts
+    (data_prep.io.document_start), one unit each; a larger .gz stays one unit (it cannot be cut).
+    The plan is `.build/units.json`. Unit u writes the shards `<split>-<uuuuu>-<ppppp>.bin/.idx` (a new
+    part every `shard_tokens` tokens) and, when complete, a record `.build/unit-<uuuuu>.json` (its
+    pieces, shard entries with sha256 and file stamps, counters, seconds, task, a hash of the settings).
   - Split: a document goes to `valid` when blake2b(UTF-8 text) / 2**64 < valid_fraction, so it never
     moves when files are added or reordered. Documents carry no <s>/</s>; text that reads "<mask>" is
     encoded as characters (data_prep.tokenizer.document_encoder).
   - Deterministic: the bytes depend only on the input and the settings (tokenizer, valid_fraction,
-    shard_tokens, join_lines), never on `workers` or `num_tasks`: a K-task build merged gives exactly
-    the files of a one-process build. The manifest holds no timings (those go to the per-file records).
+    shard_tokens, unit_bytes, join_lines), never on `workers` or `num_tasks`: a K-task build merged gives
+    exactly the files of a one-process build. The manifest holds no timings (those go to the records).
   - Parallel: `workers`=1 (the default; use it) tokenizes in a background thread with the tokenizers
     library's own threads, which already use every core, while the main thread reads and writes a
     ~1 MB list of documents at a time (no Python work per document on the hot path). `workers`=N>1
@@ -23,18 +27,23 @@ How it works, and what it promises:
     keep it only if `python -m bench.data_prep workers=1,N` says so. Output bytes never depend on it.
     Batches are ~`batch_bytes` of text, at most 2 a worker in flight: memory does not grow with the
     corpus.
-  - Corpus directory: the shards, manifest.json, and .build/ (settings.json, the per-file records,
-    the lock files start.lock, running.lock, file-*.lock, merge.lock); a `.verified.json` appears once data_prep.corpus.Corpus.open has checked hashes.
-  - Scale-out: task t of K does the files i with i % K == t. When every file has a record (after the
-    last task, or in a one-task build), the task writes manifest.json; `merge=true` does it explicitly.
-  - Resumable: a rerun skips every file whose record exists and whose shards match their sha256;
-    other files are redone from their start (their stale shards removed first). A killed build, rerun,
-    ends with the same bytes as an uninterrupted one.
+  - Corpus directory: the shards, manifest.json, and .build/ (settings.json, units.json, the per-unit
+    records, the lock files start.lock, running.lock, unit-*.lock, merge.lock); a `.verified.json`
+    appears once data_prep.corpus.Corpus.open has checked hashes. `.build/` grows linearly with the
+    number of inputs: a record names its settings by hash, not by value.
+  - Scale-out: task t of K starts at unit tU/K and takes, in turn, every unit that no task holds (a
+    non-blocking flock on `.build/unit-<u>.lock`) and none has built; then it waits for the units held
+    by others, and builds any whose task died. Big and small inputs balance, whatever K. When every
+    unit has a record (after the last task, or in a one-task build), the task writes manifest.json;
+    `merge=true` does it explicitly.
+  - Resumable per unit: a rerun skips every unit whose record exists and whose shards match it (file
+    size and mtime as recorded, else their sha256); other units are redone from their start (their
+    stale shards removed first). A killed build, rerun, ends with the same bytes as an uninterrupted one.
   - Safe: an output directory that holds a corpus built with other settings is refused unless
     overwrite=true (which removes that corpus's files, and only those); one whose earlier build failed
     before finishing any file is started afresh. Any number of tasks may start at once, identical
-    commands included: they agree on the settings under a lock, and each input file is built by one
-    task while a duplicate waits for it and then skips it (see _BuildStart).
+    commands included: they agree on the settings and the plan under a lock, and each unit is built by
+    one task while a duplicate waits for it and then skips it (see _BuildStart).
 """
 from __future__ import annotations
 
@@ -54,7 +63,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any, Callable, Optional
 
 import numpy as np
 from omegaconf import MISSING
@@ -63,12 +72,13 @@ from tokenizers import Tokenizer
 from core.cli import as_list, command
 from core.tokenizer import TokenizerError, document_encoder, load_tokenizer, special_ids, tokenizer_hash
 from data_prep.corpus import MANIFEST, VERIFIED, check_shard_hashes, write_manifest
-from data_prep.io import InputError, Progress, ReadStats, expand_inputs, read_document_lists
+from data_prep.io import InputError, Progress, ReadStats, document_start, expand_inputs, read_document_lists
 from data_prep.shards import FORMAT_VERSION, CorpusError, ShardWriter, token_dtype
 
 SPLITS = ("train", "valid")
-BUILD_DIR = ".build"  # settings.json and the per-file records
+BUILD_DIR = ".build"  # settings.json, units.json and the per-unit records
 SETTINGS = "settings.json"
+UNITS = "units.json"
 
 
 @dataclass
@@ -92,8 +102,12 @@ class BuildCorpusArgs:
     """1 (best on few cores): tokenizers' own threads; N>1: N processes."""
     batch_bytes: int = 1 << 20
     """Text per tokenizer batch (no effect on the output)."""
+    unit_bytes: int = 256 << 20
+    """Input bytes per unit of work: small files are grouped, and a larger uncompressed file cut at
+    document starts, into units of about this size (a .gz is one unit). Units are shared by the tasks
+    whatever their number; their shards are named by unit, so it is a setting of the corpus."""
     num_tasks: int = 1
-    """Independent tasks sharing the input files (a SLURM array)."""
+    """Independent tasks sharing the units of work (a SLURM array)."""
     task_index: int = 0
     """This task, 0..num_tasks-1."""
     overwrite: bool = False
@@ -110,7 +124,7 @@ class BuildCorpusArgs:
             raise ValueError("input= and tokenizer= are required (or merge=true)")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction={self.valid_fraction}: must be in [0, 1)")
-        for key in ("shard_tokens", "workers", "batch_bytes", "num_tasks"):
+        for key in ("shard_tokens", "workers", "batch_bytes", "unit_bytes", "num_tasks"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)}: must be >= 1")
         if not 0 <= self.task_index < self.num_tasks:
@@ -252,10 +266,48 @@ def _settings(args: BuildCorpusArgs, paths: list[Path], tok: Tokenizer) -> dict:
         "special_tokens": special_ids(tok),
         "valid_fraction": args.valid_fraction,
         "shard_tokens": args.shard_tokens,
+        "unit_bytes": args.unit_bytes,
     }
     if args.join_lines:
         settings["join_lines"] = True
     return settings
+
+
+def settings_hash(settings: dict) -> str:
+    """What a unit record keeps of the settings: a hash (the settings list every input, so a record
+    holding them would make `.build/` grow with the square of the number of inputs)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def plan_units(paths: list[Path], unit_bytes: int) -> list[list[dict]]:
+    """The units of work: each a list of pieces {"input": index in `paths`, "start", "end"} (a byte
+    range; `end` is the file's size for a whole file, or for any .gz). Consecutive files no larger
+    than `unit_bytes` are grouped up to `unit_bytes`; a larger uncompressed file is cut into ranges of
+    about `unit_bytes` at document starts, one unit each; a larger .gz is one unit. Depends only on
+    the files and `unit_bytes`: every task computes the same plan."""
+    units: list[list[dict]] = []
+    group: list[dict] = []
+    group_bytes = 0
+    for i, path in enumerate(paths):
+        size = path.stat().st_size
+        if size <= unit_bytes:
+            if group and group_bytes + size > unit_bytes:
+                units.append(group)
+                group, group_bytes = [], 0
+            group.append({"input": i, "start": 0, "end": size})
+            group_bytes += size
+            continue
+        if group:
+            units.append(group)
+            group, group_bytes = [], 0
+        if path.name.lower().endswith(".gz"):
+            units.append([{"input": i, "start": 0, "end": size}])
+            continue
+        cuts = sorted({0, size} | {document_start(path, k * unit_bytes) for k in range(1, -(-size // unit_bytes))})
+        units.extend([{"input": i, "start": a, "end": b}] for a, b in zip(cuts, cuts[1:]))
+    if group:
+        units.append(group)
+    return units
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -274,9 +326,9 @@ def _corpus_files(out: Path) -> list[Path]:
 
 
 def _finished_files(out: Path) -> list[Path]:
-    """What makes `out` a corpus, finished or in part: a manifest, a file record (a built input file),
+    """What makes `out` a corpus, finished or in part: a manifest, a unit record (a built unit),
     or a complete shard. A failed start leaves none of these, only settings and temporaries."""
-    names = [MANIFEST, f"{BUILD_DIR}/file-*.json"] + [f"{s}-*.{ext}" for s in SPLITS for ext in ("bin", "idx")]
+    names = [MANIFEST, f"{BUILD_DIR}/unit-*.json"] + [f"{s}-*.{ext}" for s in SPLITS for ext in ("bin", "idx")]
     return sorted({p for pattern in names for p in out.glob(pattern) if p.is_file()})
 
 
@@ -301,11 +353,13 @@ class _BuildStart:
     writing; it refuses, naming the running tasks' host and pid.
     """
 
-    def __init__(self, out: Path, settings: dict, overwrite: bool):
+    def __init__(self, out: Path, settings: dict, overwrite: bool, plan: Callable[[], list] | None = None):
         self.out, self.settings, self.overwrite = out, settings, overwrite
         self.build = out / BUILD_DIR
         self.marker = self.build / f"task-{socket.gethostname()}-{os.getpid()}.running"
         self._running: IO[str] | None = None
+        self._plan = plan
+        self.units: list[list[dict]] = []  # the plan (.build/units.json), read or made under the lock
 
     def __enter__(self) -> _BuildStart:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -315,6 +369,8 @@ class _BuildStart:
             if old != self.settings:
                 self._clear_for_new_settings(old)
                 _write_json(self.build / SETTINGS, self.settings)
+            if self._plan is not None:
+                self.units = self._read_or_make_plan()
             self._running = open(self.build / "running.lock", "a")
             fcntl.flock(self._running, fcntl.LOCK_SH)  # nobody holds it exclusively: we hold start.lock
             self.marker.write_text(f"{socket.gethostname()} {os.getpid()}\n")
@@ -354,34 +410,72 @@ class _BuildStart:
                 f"(host pid: {'; '.join(holders) or 'unknown'}); wait for it to end or choose another output_dir"
             ) from None
 
-    def file_lock(self, index: int) -> contextlib.AbstractContextManager[None]:
-        """One task at a time builds (or checks) input file `index`: a duplicate task waits, then
-        finds the file's record and skips it."""
-        return _flock(self.build / f"file-{index:05d}.lock", fcntl.LOCK_EX)
+    def _read_or_make_plan(self) -> list[list[dict]]:
+        """The plan of these settings: `.build/units.json` when it was made for them, else made now
+        and written (the first task to start makes it; the others read it)."""
+        path = self.build / UNITS
+        want = settings_hash(self.settings)
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                if saved.get("settings_hash") == want:
+                    return saved["units"]
+            except (json.JSONDecodeError, KeyError):
+                pass
+        assert self._plan is not None
+        units = self._plan()
+        _write_json(path, {"settings_hash": want, "units": units})
+        return units
+
+    def try_unit_lock(self, unit: int) -> IO[str] | None:
+        """The unit's lock if no other task holds it (close the file to release it), else None."""
+        f = open(self.build / f"unit-{unit:05d}.lock", "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+        return f
+
+    def unit_lock(self, unit: int) -> contextlib.AbstractContextManager[None]:
+        """Wait for the unit's lock (a task building it ends, or dies and the lock goes with it)."""
+        return _flock(self.build / f"unit-{unit:05d}.lock", fcntl.LOCK_EX)
 
 
-def _record_path(out: Path, index: int) -> Path:
-    return out / BUILD_DIR / f"file-{index:05d}.json"
+def _record_path(out: Path, unit: int) -> Path:
+    return out / BUILD_DIR / f"unit-{unit:05d}.json"
 
 
-def _load_record(out: Path, index: int, settings: dict) -> dict | None:
-    """The file's record if it exists, matches the settings and all its shards verify; else None."""
-    path = _record_path(out, index)
+def _load_record(out: Path, unit: int, shash: str) -> dict | None:
+    """The unit's record if it exists, is of these settings (hash) and its shards match it: the file
+    stamps (size, mtime) it recorded, or else their sha256. None otherwise."""
+    path = _record_path(out, unit)
     if not path.is_file():
         return None
     try:
         record = json.loads(path.read_text())
-        if record.get("settings") != settings:
+        if record.get("settings_hash") != shash:
             return None
-        check_shard_hashes(out, [s for split in SPLITS for s in record["shards"][split]], use_cache=False)
-    except (json.JSONDecodeError, KeyError, OSError, CorpusError):
+        stamps = record["stamps"]
+        changed = []
+        for entry in (e for split in SPLITS for e in record["shards"][split]):
+            if any(_stamp(out / entry[kind]) != stamps.get(entry[kind]) for kind in ("bin", "idx")):
+                changed.append(entry)
+        if changed:
+            check_shard_hashes(out, changed, use_cache=False)
+    except (json.JSONDecodeError, KeyError, TypeError, OSError, CorpusError):
         return None
     return record
 
 
-def _shard_prefix(split: str, index: int) -> str:
-    """Shards are named by the input file's position in the sorted input list, whatever the task."""
-    return f"{split}-{index:05d}-"
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _shard_prefix(split: str, unit: int) -> str:
+    """Shards are named by the unit of work (the plan's numbering), whatever the task."""
+    return f"{split}-{unit:05d}-"
 
 
 def _shard_name(split: str, index: int, part: int) -> str:
@@ -391,7 +485,7 @@ def _shard_name(split: str, index: int, part: int) -> str:
 # ---------------------------------------------------------------- the build
 
 class _SplitShards:
-    """The shards of one split of one input file: `<split>-<index>-<part>`, a new part once a part
+    """The shards of one split of one unit of work: `<split>-<unit>-<part>`, a new part once a part
     reaches `shard_tokens` tokens (the document that crosses the limit ends its part)."""
 
     def __init__(self, out: Path, split: str, index: int, dtype: np.dtype, shard_tokens: int):
@@ -424,18 +518,26 @@ class _SplitShards:
         return self.entries
 
 
-def _build_file(out: Path, index: int, path: Path, encoder: Encoder, args: BuildCorpusArgs,
-                settings: dict, dtype: np.dtype, progress: Progress) -> dict:
-    """Tokenize one input file into its shards; write and return its record."""
+def _build_unit(out: Path, unit: int, pieces: list[dict], paths: list[Path], encoder: Encoder,
+                args: BuildCorpusArgs, shash: str, dtype: np.dtype, progress: Progress) -> dict:
+    """Tokenize one unit (its pieces of input files, in order) into its shards; write and return its
+    record."""
     start = time.perf_counter()
-    _record_path(out, index).unlink(missing_ok=True)  # a stale record must not be merged meanwhile
+    _record_path(out, unit).unlink(missing_ok=True)  # a stale record must not be merged meanwhile
     for split in SPLITS:  # leftovers of an interrupted attempt
-        for stale in out.glob(_shard_prefix(split, index) + "*"):
+        for stale in out.glob(_shard_prefix(split, unit) + "*"):
             stale.unlink()
     stats = ReadStats()
-    writers = {s: _SplitShards(out, s, index, dtype, args.shard_tokens) for s in SPLITS}
-    docs = read_document_lists(path, stats, progress, join_lines=args.join_lines)
-    for valid, lengths, ids in encoder.map(_batches(docs, args.batch_bytes)):
+    writers = {s: _SplitShards(out, s, unit, dtype, args.shard_tokens) for s in SPLITS}
+
+    def documents() -> Iterator[list[str]]:
+        for piece in pieces:
+            path = paths[piece["input"]]
+            whole = piece["start"] == 0 and piece["end"] == path.stat().st_size
+            yield from read_document_lists(path, stats, progress, join_lines=args.join_lines,
+                                           byte_range=None if whole else (piece["start"], piece["end"]))
+
+    for valid, lengths, ids in encoder.map(_batches(documents(), args.batch_bytes)):
         for split, mine in (("train", ~valid), ("valid", valid)):
             if mine.all():
                 writers[split].add_many(ids, lengths)
@@ -443,55 +545,63 @@ def _build_file(out: Path, index: int, path: Path, encoder: Encoder, args: Build
                 writers[split].add_many(ids[np.repeat(mine, lengths)], lengths[mine])
     shards = {s: writers[s].close() for s in SPLITS}
     record = {
-        "index": index,
-        "path": str(path),
-        "settings": settings,
+        "unit": unit,
+        "pieces": [{**piece, "path": str(paths[piece["input"]])} for piece in pieces],
+        "settings_hash": shash,
         "shards": shards,
+        "stamps": {e[kind]: _stamp(out / e[kind]) for split in SPLITS for e in shards[split] for kind in ("bin", "idx")},
         "counters": {
             **stats.as_dict(),
             **{f"{s}_documents": sum(e["documents"] for e in shards[s]) for s in SPLITS},
             **{f"{s}_tokens": sum(e["tokens"] for e in shards[s]) for s in SPLITS},
         },
         "seconds": round(time.perf_counter() - start, 3),
+        "task": f"{args.task_index}/{args.num_tasks} {socket.gethostname()} {os.getpid()}",
     }
-    _write_json(_record_path(out, index), record)
+    _write_json(_record_path(out, unit), record)
     return record
 
 
 def merge(output_dir: str | os.PathLike) -> dict:
-    """Write manifest.json from the per-file records of all tasks; raises if one is missing."""
+    """Write manifest.json from the per-unit records of all tasks; raises if one is missing."""
     out = Path(output_dir)
     spath = out / BUILD_DIR / SETTINGS
-    if not spath.is_file():
-        raise CorpusError(f"{spath}: missing; {out} is not a corpus build directory")
+    upath = out / BUILD_DIR / UNITS
+    for path in (spath, upath):
+        if not path.is_file():
+            raise CorpusError(f"{path}: missing; {out} is not a corpus build directory")
     # tasks that finish together take turns here: write_manifest uses one temporary file name
     with open(out / BUILD_DIR / "merge.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return _merge_locked(out, json.loads(spath.read_text()))
+        settings = json.loads(spath.read_text())
+        return _merge_locked(out, settings, json.loads(upath.read_text()))
 
 
-def _merge_locked(out: Path, settings: dict) -> dict:
-    """The records of every input file, in input order, summed into one manifest."""
+def _merge_locked(out: Path, settings: dict, plan: dict) -> dict:
+    """The records of every unit, in plan (= input) order, summed into one manifest."""
+    shash = settings_hash(settings)
+    if plan.get("settings_hash") != shash:
+        raise CorpusError(f"{out / BUILD_DIR / UNITS}: made for other settings than {SETTINGS}; rerun the build")
     records = []
     missing = []
-    for index in range(len(settings["inputs"])):
-        path = _record_path(out, index)
+    for unit in range(len(plan["units"])):
+        path = _record_path(out, unit)
         record = json.loads(path.read_text()) if path.is_file() else None
-        if record is None or record.get("settings") != settings:
-            missing.append(index)
+        if record is None or record.get("settings_hash") != shash:
+            missing.append(unit)
         else:
             records.append(record)
     if missing:
         raise CorpusError(
-            f"{out}: input files {missing[:20]}{'…' if len(missing) > 20 else ''} are not built yet "
-            f"({len(missing)} of {len(settings['inputs'])}); run the remaining tasks first"
+            f"{out}: units {missing[:20]}{'…' if len(missing) > 20 else ''} are not built yet "
+            f"({len(missing)} of {len(plan['units'])}); run the remaining tasks first"
         )
     counters: dict[str, int] = collections.Counter()
     for record in records:
         counters.update(record["counters"])
     if counters["documents"] == 0:
         raise CorpusError(
-            f"the input holds no documents ({len(records)} files, {counters['skipped_empty']} empty "
+            f"the input holds no documents ({counters['files']} files, {counters['skipped_empty']} empty "
             f"documents skipped): nothing to write to {out}"
         )
     return write_manifest(
@@ -504,9 +614,16 @@ def _merge_locked(out: Path, settings: dict) -> dict:
     )
 
 
+def _task_order(num_units: int, task_index: int, num_tasks: int) -> list[int]:
+    """The units in the order task t of K tries them: from unit tU/K on, round to the start."""
+    first = task_index * num_units // num_tasks
+    return [(first + k) % num_units for k in range(num_units)]
+
+
 def build_corpus(args: BuildCorpusArgs) -> dict:
-    """Build this task's files (skipping verified ones); write the manifest when all are done.
-    Returns a summary: files built / skipped, counters, seconds, and whether the manifest was written."""
+    """Build units until none is left that no task holds (skipping verified ones), then wait for the
+    units other tasks hold; write the manifest when all are done. Returns a summary: units built /
+    skipped, counters, seconds, and whether the manifest was written."""
     if args.merge:
         manifest = merge(args.output_dir)
         return {"manifest": str(Path(args.output_dir) / MANIFEST), **manifest["build"]["counters"]}
@@ -515,31 +632,49 @@ def build_corpus(args: BuildCorpusArgs) -> dict:
     paths = expand_inputs(args.input)
     tok = load_tokenizer(args.tokenizer)
     settings = _settings(args, paths, tok)
+    shash = settings_hash(settings)
     dtype = token_dtype(settings["vocab_size"])
-    mine = [(i, p) for i, p in enumerate(paths) if i % args.num_tasks == args.task_index]
-    built = 0
+    built = skipped = 0
     counters: dict[str, int] = collections.Counter()
-    with _BuildStart(out, settings, args.overwrite) as started:
-        todo = [(i, p) for i, p in mine if _load_record(out, i, settings) is None]
-        if todo:
-            encoder = Encoder(tok, args.tokenizer, args.workers, args.valid_fraction)
-            progress = Progress([p for _, p in todo], f"task {args.task_index}", enabled=args.progress)
-            try:
-                for i, path in todo:
-                    with started.file_lock(i):
-                        if _load_record(out, i, settings) is not None:
-                            continue  # another task built it meanwhile (two copies of one command)
-                        record = _build_file(out, i, path, encoder, args, settings, dtype, progress)
-                    built += 1
-                    counters.update(record["counters"])
-            finally:
-                progress.close()
+    with _BuildStart(out, settings, args.overwrite, plan=lambda: plan_units(paths, args.unit_bytes)) as started:
+        units = started.units
+        left = [u for u in range(len(units)) if not _record_path(out, u).is_file()]
+        unit_bytes = {u: sum(p["end"] - p["start"] for p in units[u]) for u in left}
+        encoder: Encoder | None = None
+        progress = Progress([], f"task {args.task_index}", enabled=args.progress, total=sum(unit_bytes.values()))
+
+        def build_locked(u: int) -> None:
+            nonlocal built, skipped, encoder
+            if _load_record(out, u, shash) is not None:
+                skipped += 1  # built before (a resume), or by another task meanwhile
+                return
+            if encoder is None:
+                encoder = Encoder(tok, args.tokenizer, args.workers, args.valid_fraction)
+            record = _build_unit(out, u, units[u], paths, encoder, args, shash, dtype, progress)
+            built += 1
+            counters.update(record["counters"])
+
+        try:
+            held = []
+            for u in _task_order(len(units), args.task_index, args.num_tasks):
+                lock = started.try_unit_lock(u)
+                if lock is None:
+                    held.append(u)  # another task is at it: see below
+                    continue
+                with lock:
+                    build_locked(u)
+            for u in held:  # wait for each; a task that died left it unbuilt: build it here
+                with started.unit_lock(u):
+                    build_locked(u)
+        finally:
+            progress.close()
+            if encoder is not None:
                 encoder.close()
-        done = all(_record_path(out, i).is_file() for i in range(len(paths)))
+        done = all(_record_path(out, u).is_file() for u in range(len(units)))
         if done:
             merge(out)
     return {
-        "files_built": built, "files_skipped": len(mine) - built, **dict(sorted(counters.items())),
+        "units_built": built, "units_skipped": skipped, **dict(sorted(counters.items())),
         "seconds": round(time.perf_counter() - start, 2),
         "manifest": str(out / MANIFEST) if done else "not yet (other tasks still to run; then merge=true)",
     }

@@ -7,16 +7,25 @@
     corpus.num_tokens
     corpus.manifest      # the parsed manifest.json
 
-`Corpus.open` checks every shard's header and sizes against the manifest (cheap), and the sha256 of
-every file the first time a given set of files is opened (the result is remembered in
-`.verified.json` beside the manifest, keyed by each file's size and mtime, so later opens of a large
-corpus are instant). A mismatch raises `CorpusError` naming the file and the problem.
+`Corpus.open` checks every shard's header and sizes against the manifest (cheap: a few bytes a file),
+and the sha256 of every file the first time a given set of files is opened (the result is remembered
+in `.verified.json` beside the manifest, keyed by each file's size and mtime, so later opens of a large
+corpus are instant; a hashed `.idx` is also checked for decreasing offsets). A mismatch raises
+`CorpusError` naming the file and the problem.
+
+File descriptors: a memory map holds one open. Shards are mapped lazily, when first read, and at most
+`max_mapped_files()` files (min(256, RLIMIT_NOFILE/4)) stay mapped per Corpus; the least recently used
+shard is unmapped first. A corpus of 640 shards thus keeps at most 256 descriptors in each trainer
+process and loader worker, whatever its size.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
-from dataclasses import dataclass
+import resource
+from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +35,11 @@ from core.tokenizer import check_built_with
 from data_prep.shards import (
     FORMAT_VERSION,
     CorpusError,
+    check_bin_size,
     dtype_from_name,
     dtype_name,
+    idx_header,
+    idx_num_tokens,
     open_bin,
     read_idx,
     token_dtype,
@@ -116,42 +128,62 @@ def check_shard_hashes(root: Path, shards: list[dict], use_cache: bool = True) -
                     f"{fpath}: sha256 {digest[:16]}… does not match the manifest's "
                     f"{shard[kind + '_sha256'][:16]}… (the file is corrupt or was modified)"
                 )
+            if kind == "idx":
+                read_idx(fpath)  # the offsets in order (the whole file was just read anyway)
             cache[key] = {"stamp": stamp, "sha256": digest}
             changed = True
     if use_cache and changed:
         try:
-            tmp = cache_path.with_suffix(".tmp")
+            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
             os.replace(tmp, cache_path)
         except OSError:
             pass  # a read-only corpus is fine: we verify again next time
 
 
-@dataclass
-class _Shard:
-    tokens: np.ndarray  # memmap of the .bin
-    offsets: np.ndarray  # memmap of the .idx offsets (num_docs + 1)
+def max_mapped_files() -> int:
+    """How many shard files one Corpus keeps memory-mapped at most: min(256, RLIMIT_NOFILE / 4) (the
+    soft limit), at least 2 (one shard's .bin and .idx)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = 256 if soft == resource.RLIM_INFINITY else min(256, soft // 4)
+    return max(2, limit)
+
+
+class _Shards(Sequence):
+    """The (tokens, offsets) arrays of every shard, mapped as they are read (`Corpus.shard_arrays`)."""
+
+    def __init__(self, corpus: "Corpus"):
+        self._corpus = corpus
+
+    def __len__(self) -> int:
+        return self._corpus.num_shards
+
+    def __getitem__(self, s):  # type: ignore[override]
+        if isinstance(s, slice):
+            return [self[i] for i in range(*s.indices(len(self)))]
+        return self._corpus.shard(s)
 
 
 class Corpus:
-    """The documents of one split of a corpus, as memory-mapped token arrays."""
+    """The documents of one split of a corpus, as memory-mapped token arrays (shards mapped lazily,
+    a bounded number at a time)."""
 
-    def __init__(self, path: Path, split: str, manifest: dict, shards: list[_Shard]):
+    def __init__(self, path: Path, split: str, manifest: dict, entries: list[dict]):
         self.path = path
         self.split = split
         self.manifest = manifest
         self.dtype = dtype_from_name(manifest["dtype"])
         self.vocab_size: int = manifest["vocab_size"]
         self.tokenizer_hash: str = manifest["tokenizer_hash"]
-        self._shards = shards
-        counts = np.array([len(s.offsets) - 1 for s in shards], dtype=np.int64)
+        self._entries = entries
+        counts = np.array([e["documents"] for e in entries], dtype=np.int64)
+        tokens = np.array([e["tokens"] for e in entries], dtype=np.int64)
         self._doc_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.doc_lengths = (
-            np.concatenate([np.diff(s.offsets).astype(np.int64) for s in shards])
-            if shards
-            else np.zeros((0,), dtype=np.int64)
-        )
-        self.num_tokens = int(self.doc_lengths.sum())
+        self.token_starts = np.concatenate([[0], np.cumsum(tokens)]).astype(np.int64)
+        """Global token offset of each shard's first token (and the total at the end)."""
+        self.num_tokens = int(self.token_starts[-1])
+        self.max_open_shards = max(1, max_mapped_files() // 2)
+        self._open: collections.OrderedDict[int, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
 
     @classmethod
     def open(
@@ -170,22 +202,52 @@ class Corpus:
             raise CorpusError(f"{path / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
         dtype = dtype_from_name(manifest["dtype"])
         entries = manifest["splits"][split]["shards"]
-        shards = []
-        for entry in entries:
-            offsets = read_idx(path / entry["idx"], expected_itemsize=dtype.itemsize)
-            if len(offsets) - 1 != entry["documents"]:
+        for entry in entries:  # headers and sizes: a few bytes a file, nothing mapped
+            num_docs = idx_header(path / entry["idx"], expected_itemsize=dtype.itemsize)
+            if num_docs != entry["documents"]:
                 raise CorpusError(
-                    f"{path / entry['idx']}: {len(offsets) - 1} documents, manifest says {entry['documents']}"
+                    f"{path / entry['idx']}: {num_docs} documents, manifest says {entry['documents']}"
                 )
-            if int(offsets[-1]) != entry["tokens"]:
+            num_tokens = idx_num_tokens(path / entry["idx"], num_docs)
+            if num_tokens != entry["tokens"]:
                 raise CorpusError(
-                    f"{path / entry['idx']}: {int(offsets[-1])} tokens, manifest says {entry['tokens']}"
+                    f"{path / entry['idx']}: {num_tokens} tokens, manifest says {entry['tokens']}"
                 )
-            tokens = open_bin(path / entry["bin"], dtype, entry["tokens"])
-            shards.append(_Shard(tokens, offsets))
+            check_bin_size(path / entry["bin"], dtype, entry["tokens"])
         if verify_hashes:
             check_shard_hashes(path, entries)
-        return cls(path, split, manifest, shards)
+        return cls(path, split, manifest, entries)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._entries)
+
+    def shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, offsets) of shard `s`: read-only arrays over memory maps, mapped on first use; the
+        least recently used shard is unmapped when more than `max_open_shards` are mapped (its file
+        descriptors close once no array of it is held any more)."""
+        arrays = self._open.get(s)
+        if arrays is not None:
+            self._open.move_to_end(s)
+            return arrays
+        entry = self._entries[s]
+        offsets = read_idx(self.path / entry["idx"], self.dtype.itemsize, check_order=False)
+        tokens = open_bin(self.path / entry["bin"], self.dtype, entry["tokens"])
+        # plain ndarray views: the same pages, without np.memmap's per-index overhead
+        arrays = (np.asarray(tokens), np.asarray(offsets))
+        self._open[s] = arrays
+        while len(self._open) > self.max_open_shards:
+            self._open.popitem(last=False)
+        return arrays
+
+    @cached_property
+    def doc_lengths(self) -> np.ndarray:
+        """Tokens per document (int64, 8 bytes a document: computed on first use, one shard at a time)."""
+        out = np.empty(len(self), dtype=np.int64)
+        for s in range(self.num_shards):
+            offsets = self.shard(s)[1]
+            out[self._doc_starts[s] : self._doc_starts[s + 1]] = np.diff(offsets)
+        return out
 
     def __len__(self) -> int:
         return int(self._doc_starts[-1])
@@ -197,16 +259,18 @@ class Corpus:
         if not 0 <= i < n:
             raise IndexError(f"document {i} out of range for a corpus of {n} documents")
         s = int(np.searchsorted(self._doc_starts, i, side="right")) - 1
-        shard = self._shards[s]
+        tokens, offsets = self.shard(s)
         j = i - int(self._doc_starts[s])
-        return shard.tokens[int(shard.offsets[j]) : int(shard.offsets[j + 1])]
+        return tokens[int(offsets[j]) : int(offsets[j + 1])]
 
-    def shard_arrays(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(tokens, offsets) memmaps of each shard, in order: for readers that index by token."""
-        return [(s.tokens, s.offsets) for s in self._shards]
+    def shard_arrays(self) -> Sequence[tuple[np.ndarray, np.ndarray]]:
+        """(tokens, offsets) of each shard, in order, mapped as they are read (a bounded number at a
+        time): for readers that index by token."""
+        return _Shards(self)
 
     def __repr__(self) -> str:
         return (
             f"Corpus({str(self.path)!r}, split={self.split!r}, documents={len(self)}, "
             f"tokens={self.num_tokens}, vocab_size={self.vocab_size})"
         )
+

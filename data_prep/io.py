@@ -131,19 +131,24 @@ def _clean(text: str, stats: ReadStats) -> str:
     return text
 
 
-def _blocks(path: Path, stream: BinaryIO, size: int = 1 << 20) -> Iterator[bytes]:
+def _blocks(path: Path, stream: BinaryIO, size: int = 1 << 20, limit: int | None = None,
+            drop_bom: bool = True) -> Iterator[bytes]:
     """Raw blocks of about `size` bytes, each ending just after a "\n" (except the last), so that no
-    line, and no multi-byte character, is cut; the leading BOM dropped."""
+    line, and no multi-byte character, is cut; the leading BOM dropped (`drop_bom`: the stream starts
+    at the file's start). `limit`: read at most that many bytes (a byte range of the file)."""
     carry = b""
     first = True
     while True:
+        want = size if limit is None else min(size, limit)
         try:
-            block = stream.read(size)
+            block = stream.read(want) if want else b""
         except (OSError, EOFError) as e:  # a corrupt or truncated .gz
             raise InputError(f"{path}: cannot read ({e})") from None
+        if limit is not None:
+            limit -= len(block)
         if first:
             first = False
-            if block.startswith(BOM):
+            if drop_bom and block.startswith(BOM):
                 block = block[len(BOM) :]
         if not block:
             if carry:
@@ -169,7 +174,7 @@ def join_wrapped_lines(document: str) -> str:
     return _LINE_BREAK.sub(" ", document).strip()
 
 
-def _txt_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadStats,
+def _txt_documents(path: Path, blocks: Iterator[bytes], raw: BinaryIO, stats: ReadStats,
                    progress: "Progress | None", join_lines: bool = False) -> Iterator[list[str]]:
     """Documents of a blank-line separated text, a block's worth at a time (split by one regex per
     block, no Python loop per line); blank pieces are left for the caller to drop. With `join_lines`,
@@ -179,22 +184,25 @@ def _txt_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadStats
     def finished(parts: list[str]) -> list[str]:
         return [join_wrapped_lines(part) for part in parts] if join_lines else parts
 
-    for block in _blocks(path, stream):
+    for block in blocks:
         if progress is not None:
             progress.at(raw.tell())
         parts = _SEPARATOR.split(tail + _decode(block, stats).replace("\r\n", "\n"))
-        tail = parts.pop()
+        # a block that ends with a separator: blank lines at the next block's start separate too
+        tail = parts.pop() or "\n\n"
         yield finished(parts)
     # at the end: an implicit final newline, so a last line of only whitespace is blank too
     yield finished([part[:-1] if part.endswith("\n") else part for part in _SEPARATOR.split(tail + "\n")])
 
 
-def _jsonl_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadStats,
-                     progress: "Progress | None", join_lines: bool = False) -> Iterator[list[str]]:
+def _jsonl_documents(path: Path, blocks: Iterator[bytes], raw: BinaryIO, stats: ReadStats,
+                     progress: "Progress | None", join_lines: bool = False,
+                     where: str = "") -> Iterator[list[str]]:
     """The `text` field of each JSON line, a block's worth at a time; blank lines between records
-    are not documents. `join_lines` does not apply (see the module docstring)."""
+    are not documents. `join_lines` does not apply (see the module docstring). `where`: names a byte
+    range in errors (its line numbers count from the range's start)."""
     n = 0
-    for block in _blocks(path, stream):
+    for block in blocks:
         if progress is not None:
             progress.at(raw.tell())
         texts = []
@@ -205,9 +213,9 @@ def _jsonl_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadSta
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}{where}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InputError(f"{path}:{n}: expected a JSON object with a string field 'text'")
+                raise InputError(f"{path}{where}:{n}: expected a JSON object with a string field 'text'")
             texts.append(_clean(record["text"], stats))
         n -= 1  # a block ends with "\n": its last (empty) piece is not a line
         yield texts
@@ -215,30 +223,86 @@ def _jsonl_documents(path: Path, stream: BinaryIO, raw: BinaryIO, stats: ReadSta
 
 @contextmanager
 def _pieces(path: str | os.PathLike, stats: ReadStats, progress: "Progress | None",
-            join_lines: bool = False) -> Iterator[tuple[Iterator[list[str]], bool]]:
+            join_lines: bool = False, byte_range: tuple[int, int] | None = None,
+            ) -> Iterator[tuple[Iterator[list[str]], bool]]:
     """(the file's pieces a block at a time, blank ones included; whether a blank piece counts as
-    a skipped empty document, i.e. the file is .jsonl: in .txt a blank piece is a separator)."""
+    a skipped empty document, i.e. the file is .jsonl: in .txt a blank piece is a separator).
+    `byte_range` (start, end): only those bytes of an uncompressed file, both ends document starts
+    (`document_start`); the file counts in `stats.files` for the range that starts at 0."""
     path = Path(path)
     kind = document_format(path)
-    reader = {"txt": _txt_documents, "jsonl": _jsonl_documents}[kind]
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    stats.files += 1
+    start, limit, where = 0, None, ""
+    if byte_range is not None:
+        start, end = (int(v) for v in byte_range)
+        if path.name.lower().endswith(".gz"):
+            raise InputError(f"{path}: a compressed file is read whole, not by byte range")
+        if not 0 <= start <= end:
+            raise InputError(f"{path}: bad byte range {start}-{end}")
+        limit = end - start
+        where = f" (bytes {start}-{end})" if start else ""
+    stats.files += start == 0
     with _open_binary(path) as (stream, raw):
-        yield reader(path, stream, raw, stats, progress, join_lines), kind == "jsonl"
+        if start:
+            stream.seek(start)
+        if progress is not None:
+            progress.start_at(start)
+        blocks = _blocks(path, stream, limit=limit, drop_bom=start == 0)
+        if kind == "jsonl":
+            yield _jsonl_documents(path, blocks, raw, stats, progress, join_lines, where), True
+        else:
+            yield _txt_documents(path, blocks, raw, stats, progress, join_lines), False
         if progress is not None:
             progress.at(raw.tell())
             progress.end_file()
 
 
+def document_start(path: str | os.PathLike, offset: int) -> int:
+    """The first byte offset >= `offset` at which a document of an uncompressed file starts, or the
+    file's size when none does: for .txt a line start after a blank line (a line of only whitespace;
+    offset 0 too), for .jsonl any line start. Reading the ranges between such offsets one by one
+    (`read_document_lists(byte_range=...)`) gives the documents of the whole file, each once."""
+    path = Path(path)
+    kind = document_format(path)
+    size = path.stat().st_size
+    if offset <= 0:
+        return 0
+    if offset >= size:
+        return size
+    with open(path, "rb") as f:
+        # back: the start of the line that holds byte offset-1 (the line before the first candidate)
+        back = offset
+        while back > 0:
+            step = min(back, 1 << 16)
+            f.seek(back - step)
+            chunk = f.read(step)
+            cut = chunk.rfind(b"\n", 0, step - 1 if back == offset else step)
+            if cut >= 0:
+                back = back - step + cut + 1
+                break
+            back -= step
+        f.seek(back)
+        pos, prev_blank = back, False  # pos < offset: the first line only sets prev_blank
+        for line in f:  # lines of the binary file, each ending with b"\n" but maybe the last
+            if pos >= offset and (kind == "jsonl" or prev_blank):
+                return pos
+            body = line[len(BOM):] if pos == 0 and line.startswith(BOM) else line
+            text = body.rstrip(b"\n").decode("utf-8", errors="replace")
+            prev_blank = not text or text.isspace()
+            pos += len(line)
+    return size
+
+
 def read_documents(
     path: str | os.PathLike, stats: ReadStats | None = None, progress: "Progress | None" = None,
-    join_lines: bool = False,
+    join_lines: bool = False, byte_range: tuple[int, int] | None = None,
 ) -> Iterator[str]:
-    """Yield the documents of one file, in order, updating `stats` (and `progress`) as it reads;
-    `join_lines`: a .txt document's lines joined into one (see the module docstring)."""
+    """Yield the documents of one file (or of a `byte_range` of it), in order, updating `stats` (and
+    `progress`) as it reads; `join_lines`: a .txt document's lines joined into one (see the module
+    docstring)."""
     stats = stats if stats is not None else ReadStats()
-    with _pieces(path, stats, progress, join_lines) as (blocks, count_blank):
+    with _pieces(path, stats, progress, join_lines, byte_range) as (blocks, count_blank):
         for texts in blocks:
             for text in texts:
                 if not text or text.isspace():  # blank: the same test as `not text.strip()`
@@ -251,13 +315,13 @@ def read_documents(
 
 def read_document_lists(
     path: str | os.PathLike, stats: ReadStats | None = None, progress: "Progress | None" = None,
-    join_lines: bool = False,
+    join_lines: bool = False, byte_range: tuple[int, int] | None = None,
 ) -> Iterator[list[str]]:
     """The documents of `read_documents`, as lists of about 1 MB of input each (the fast path for
     many short documents: no Python work per document beyond list comprehensions); `stats` is
-    updated a list at a time."""
+    updated a list at a time. `byte_range`: see `read_documents`."""
     stats = stats if stats is not None else ReadStats()
-    with _pieces(path, stats, progress, join_lines) as (blocks, count_blank):
+    with _pieces(path, stats, progress, join_lines, byte_range) as (blocks, count_blank):
         for texts in blocks:
             docs = [t for t in texts if t and not t.isspace()]  # non-blank, as in read_documents
             stats.skipped_empty += count_blank * (len(texts) - len(docs))
@@ -268,16 +332,20 @@ def read_document_lists(
 
 
 class Progress:
-    """A tqdm bar over the on-disk bytes of a list of files (compressed bytes for .gz)."""
+    """A tqdm bar over on-disk bytes (compressed bytes for .gz): of a list of files, or `total`."""
 
-    def __init__(self, paths: list[Path], desc: str, enabled: bool = True):
+    def __init__(self, paths: list[Path], desc: str, enabled: bool = True, total: int | None = None):
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True, desc=desc,
-            disable=not enabled, mininterval=1.0,
+            total=sum(p.stat().st_size for p in paths) if total is None else total, unit="B",
+            unit_scale=True, desc=desc, disable=not enabled, mininterval=1.0,
         )
         self._pos = 0  # position in the current file
+
+    def start_at(self, pos: int) -> None:
+        """A file is read from byte `pos` (a byte range): count from there."""
+        self._pos = pos
 
     def at(self, pos: int) -> None:
         self._bar.update(pos - self._pos)

@@ -59,13 +59,9 @@ def encode_idx_header(itemsize: int, num_docs: int) -> bytes:
     return _HEADER.pack(IDX_MAGIC, FORMAT_VERSION, itemsize, num_docs)
 
 
-def read_idx(path: str | os.PathLike, expected_itemsize: int | None = None) -> np.ndarray:
-    """Validate an `.idx` file's header and size; return its offsets as a read-only memmap.
-
-    Raises CorpusError naming the file on a short file, a wrong magic, version or dtype, a size that
-    does not match the header, or offsets that are not non-decreasing from zero (checked cheaply:
-    first, last, and monotonicity over the whole array, which is 8 bytes a document).
-    """
+def idx_header(path: str | os.PathLike, expected_itemsize: int | None = None) -> int:
+    """Validate an `.idx` file's header, size, first and last offsets (a few bytes read, nothing
+    mapped); return its number of documents. Raises CorpusError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: missing index file")
@@ -74,27 +70,47 @@ def read_idx(path: str | os.PathLike, expected_itemsize: int | None = None) -> n
         raise CorpusError(f"{path}: truncated index file ({size} bytes, header needs {HEADER_BYTES})")
     with open(path, "rb") as f:
         magic, version, itemsize, num_docs = _HEADER.unpack(f.read(HEADER_BYTES))
-    if magic != IDX_MAGIC:
-        raise CorpusError(f"{path}: bad magic {magic!r} (expected {IDX_MAGIC!r}); not a corpus index")
-    if version != FORMAT_VERSION:
-        raise CorpusError(f"{path}: format version {version}, this code reads version {FORMAT_VERSION}")
-    if itemsize not in (2, 4):
-        raise CorpusError(f"{path}: bad token itemsize {itemsize} in header (expected 2 or 4)")
-    if expected_itemsize is not None and itemsize != expected_itemsize:
-        raise CorpusError(f"{path}: header says {itemsize}-byte tokens, manifest says {expected_itemsize}")
-    want = HEADER_BYTES + (num_docs + 1) * OFFSET_DTYPE.itemsize
-    if size != want:
-        raise CorpusError(f"{path}: {size} bytes, header with {num_docs} documents needs {want} (truncated?)")
+        if magic != IDX_MAGIC:
+            raise CorpusError(f"{path}: bad magic {magic!r} (expected {IDX_MAGIC!r}); not a corpus index")
+        if version != FORMAT_VERSION:
+            raise CorpusError(f"{path}: format version {version}, this code reads version {FORMAT_VERSION}")
+        if itemsize not in (2, 4):
+            raise CorpusError(f"{path}: bad token itemsize {itemsize} in header (expected 2 or 4)")
+        if expected_itemsize is not None and itemsize != expected_itemsize:
+            raise CorpusError(f"{path}: header says {itemsize}-byte tokens, manifest says {expected_itemsize}")
+        want = HEADER_BYTES + (num_docs + 1) * OFFSET_DTYPE.itemsize
+        if size != want:
+            raise CorpusError(f"{path}: {size} bytes, header with {num_docs} documents needs {want} (truncated?)")
+        first = int(np.frombuffer(f.read(OFFSET_DTYPE.itemsize), dtype=OFFSET_DTYPE)[0])
+    if first != 0:
+        raise CorpusError(f"{path}: first offset is {first}, expected 0")
+    return int(num_docs)
+
+
+def idx_num_tokens(path: str | os.PathLike, num_docs: int) -> int:
+    """The last offset of an `.idx` (its token count), read without mapping the file."""
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES + num_docs * OFFSET_DTYPE.itemsize)
+        return int(np.frombuffer(f.read(OFFSET_DTYPE.itemsize), dtype=OFFSET_DTYPE)[0])
+
+
+def read_idx(path: str | os.PathLike, expected_itemsize: int | None = None, check_order: bool = True) -> np.ndarray:
+    """Validate an `.idx` file's header and size; return its offsets as a read-only memmap.
+
+    Raises CorpusError naming the file on a short file, a wrong magic, version or dtype, a size that
+    does not match the header, or offsets that are not non-decreasing from zero (`check_order`: over
+    the whole array, which is 8 bytes a document; first and last are always checked).
+    """
+    path = Path(path)
+    num_docs = idx_header(path, expected_itemsize)
     offsets = np.memmap(path, dtype=OFFSET_DTYPE, mode="r", offset=HEADER_BYTES, shape=(num_docs + 1,))
-    if offsets[0] != 0:
-        raise CorpusError(f"{path}: first offset is {int(offsets[0])}, expected 0")
-    if num_docs and bool(np.any(np.diff(offsets) < 0)):
+    if check_order and num_docs and bool(np.any(np.diff(offsets) < 0)):
         raise CorpusError(f"{path}: document offsets decrease; the index is corrupt")
     return offsets
 
 
-def open_bin(path: str | os.PathLike, dtype: np.dtype, num_tokens: int) -> np.ndarray:
-    """Memory-map a `.bin`, checking its size against the token count the index gives."""
+def check_bin_size(path: str | os.PathLike, dtype: np.dtype, num_tokens: int) -> None:
+    """A `.bin` exists and holds `num_tokens` tokens of `dtype` (a stat, nothing read)."""
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: missing token file")
@@ -104,6 +120,12 @@ def open_bin(path: str | os.PathLike, dtype: np.dtype, num_tokens: int) -> np.nd
         raise CorpusError(
             f"{path}: {size} bytes, the index says {num_tokens} tokens = {want} bytes (truncated?)"
         )
+
+
+def open_bin(path: str | os.PathLike, dtype: np.dtype, num_tokens: int) -> np.ndarray:
+    """Memory-map a `.bin`, checking its size against the token count the index gives."""
+    path = Path(path)
+    check_bin_size(path, dtype, num_tokens)
     if num_tokens == 0:
         return np.zeros((0,), dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(num_tokens,))

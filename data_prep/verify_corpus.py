@@ -16,7 +16,7 @@ from omegaconf import MISSING
 
 from core.cli import command
 from data_prep.corpus import Corpus, check_shard_hashes, load_manifest
-from data_prep.shards import CorpusError
+from data_prep.shards import CorpusError, read_idx
 
 _CHUNK = 1 << 24  # tokens scanned at a time for the id range check
 
@@ -48,7 +48,9 @@ def verify_corpus(path: str | Path) -> dict:
                     )
         corpus = Corpus.open(root, split, verify_hashes=False)  # headers, sizes, counts
         check_shard_hashes(root, entries, use_cache=False)
-        for entry, (tokens, _) in zip(entries, corpus.shard_arrays()):
+        for s, entry in enumerate(entries):  # one shard mapped at a time
+            read_idx(root / entry["idx"], corpus.dtype.itemsize)  # offsets in order
+            tokens = corpus.shard(s)[0]
             for start in range(0, len(tokens), _CHUNK):
                 top = int(np.max(tokens[start : start + _CHUNK]))
                 if top >= vocab_size:

@@ -25,6 +25,7 @@ the same mask whatever the number of workers or ranks.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -115,10 +116,90 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
         raise
 
 
+def _tmp_name(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this process (ranks and jobs may write at once)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+
+
+def _write_index(corpus: Corpus, block_len: int, packing: str, blocks_path: Path | None,
+                 separators_path: Path | None) -> None:
+    """Write `block_index` and `separator_positions` of the corpus to .npy files in bounded memory:
+    the arrays are filled one shard at a time through `np.lib.format.open_memmap` (two passes over the
+    `.idx` files: counts, then values), under temporary names renamed into place when complete. What
+    one process holds is a shard's document lengths, never the corpus's. A path of None is skipped."""
+    if packing not in PACKINGS:
+        raise ValueError(f"data.packing must be one of {PACKINGS}, got {packing!r}")
+    if block_len < 1:
+        raise ValueError(f"block length must be >= 1, got {block_len} (seq_len must be >= 3)")
+    num_docs = len(corpus)
+    stream_len = corpus.num_tokens + max(num_docs - 1, 0)
+
+    def shard_lengths() -> Iterator[tuple[int, np.ndarray]]:  # (first document, lengths), shard by shard
+        first = 0
+        for s in range(corpus.num_shards):
+            lengths = np.diff(corpus.shard(s)[1]).astype(np.int64)
+            yield first, lengths
+            first += len(lengths)
+
+    def fill(path: Path, shape: tuple[int, ...], chunks: Iterator[np.ndarray]) -> None:
+        tmp = _tmp_name(path)
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=shape)
+            at = 0
+            for chunk in chunks:
+                out[at : at + len(chunk)] = chunk
+                at += len(chunk)
+            assert at == shape[0], (path, at, shape)
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    if separators_path is not None:
+        def separators() -> Iterator[np.ndarray]:
+            tokens_before = 0
+            for first, lengths in shard_lengths():
+                ends = tokens_before + np.cumsum(lengths) + np.arange(first, first + len(lengths), dtype=np.int64)
+                tokens_before += int(lengths.sum())
+                yield ends[: max(num_docs - 1 - first, 0)]  # none after the last document
+        fill(separators_path, (max(num_docs - 1, 0),), separators())
+
+    if blocks_path is None:
+        return
+    if packing == "full_sentences":
+        num_blocks = -(-stream_len // block_len)
+
+        def full() -> Iterator[np.ndarray]:
+            step = block_len * (1 << 20)
+            for lo in range(0, stream_len, step):
+                starts = np.arange(lo, min(lo + step, stream_len), block_len, dtype=np.int64)
+                yield np.stack([starts, np.minimum(block_len, stream_len - starts)], axis=1)
+        fill(blocks_path, (num_blocks, 2), full())
+        return
+    num_blocks = sum(int((-(-lengths // block_len)).sum()) for _, lengths in shard_lengths())
+
+    def per_document() -> Iterator[np.ndarray]:
+        tokens_before = 0
+        for first, lengths in shard_lengths():
+            # the shard's documents' stream starts: tokens and separators before them
+            doc_starts = tokens_before + first + np.concatenate([[0], np.cumsum(lengths[:-1] + 1)]).astype(np.int64)
+            tokens_before += int(lengths.sum())
+            per_doc = -(-lengths // block_len)
+            doc_of_block = np.repeat(np.arange(len(lengths)), per_doc)
+            j = np.arange(int(per_doc.sum()), dtype=np.int64) - (np.cumsum(per_doc) - per_doc)[doc_of_block]
+            starts = doc_starts[doc_of_block] + j * block_len
+            yield np.stack([starts, np.minimum(block_len, lengths[doc_of_block] - j * block_len)], axis=1)
+    fill(blocks_path, (num_blocks, 2), per_document())
+
+
 def load_block_index(corpus: Corpus, seq_len: int, packing: str) -> tuple[np.ndarray, np.ndarray]:
     """(blocks, separators) of a corpus split, from `<corpus>/cache/` or computed and cached there.
 
-    The files are named by a hash of the manifest, split, packing and seq_len, and memory-mapped on load.
+    The files are named by a hash of the manifest, split, packing and seq_len, written in bounded
+    memory (`_write_index`) and memory-mapped on load: every rank and worker shares their pages. Run
+    it on one rank first (`pretrain.distributed.rank_zero_first`): the others then find the files.
     A corpus directory that cannot be written to gets the arrays computed in memory instead.
     """
     manifest_sha = hashlib.sha256((corpus.path / MANIFEST).read_bytes()).hexdigest()
@@ -132,19 +213,43 @@ def load_block_index(corpus: Corpus, seq_len: int, packing: str) -> tuple[np.nda
         "blocks": cache / f"blocks-{corpus.split}-{packing}-{seq_len}-{tag(packing, seq_len)}.npy",
         "separators": cache / f"separators-{corpus.split}-{tag()}.npy",
     }
-    if all(p.is_file() for p in paths.values()):
-        return tuple(np.load(paths[k], mmap_mode="r") for k in ("blocks", "separators"))  # type: ignore
-    arrays = {
-        "blocks": block_index(corpus.doc_lengths, seq_len - 2, packing),
-        "separators": separator_positions(corpus.doc_lengths),
-    }
-    try:
-        for k, p in paths.items():
-            if not p.is_file():
-                _save_atomic(p, arrays[k])
-    except OSError:
-        return arrays["blocks"], arrays["separators"]  # read-only corpus: keep them in memory
+    if not all(p.is_file() for p in paths.values()):
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            _write_index(corpus, seq_len - 2, packing,
+                         *(None if p.is_file() else p for p in (paths["blocks"], paths["separators"])))
+        except OSError:  # read-only corpus: keep them in memory
+            return block_index(corpus.doc_lengths, seq_len - 2, packing), separator_positions(corpus.doc_lengths)
     return tuple(np.load(paths[k], mmap_mode="r") for k in ("blocks", "separators"))  # type: ignore
+
+
+SHARED_PERMUTATION_BLOCKS = 1 << 20
+"""An epoch of at least this many blocks has its permutation written once to the corpus cache and
+memory-mapped by every rank (`load_epoch_permutation`); a smaller one is computed in each process."""
+
+
+def load_epoch_permutation(cache: Path | None, num_blocks: int, seed: int, epoch: int) -> np.ndarray:
+    """`epoch_permutation(num_blocks, seed, epoch)`, the same values: for a large epoch written once to
+    `cache/permutation-<num_blocks>-<seed>-<epoch>.npy` (under a lock; the first rank to get there
+    writes it, the others wait and map it) and memory-mapped, so that the ranks of a node share its
+    pages; the files of that order two epochs older are removed. In memory when `cache` is None, the
+    epoch is small, or the directory cannot be written."""
+    if cache is None or num_blocks < SHARED_PERMUTATION_BLOCKS:
+        return epoch_permutation(num_blocks, seed, epoch)
+    path = cache / f"permutation-{num_blocks}-{seed}-{epoch}.npy"
+    try:
+        if not path.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            with open(cache / "permutation.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.is_file():
+                    _save_atomic(path, epoch_permutation(num_blocks, seed, epoch))
+                for old in cache.glob(f"permutation-{num_blocks}-{seed}-*.npy"):
+                    if int(old.stem.rsplit("-", 1)[1]) <= epoch - 2:
+                        old.unlink(missing_ok=True)
+        return np.load(path, mmap_mode="r")
+    except OSError:
+        return epoch_permutation(num_blocks, seed, epoch)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -178,13 +283,11 @@ class PackedBlocks(Dataset):
         # Plain ndarray views of the memmaps: same pages, without np.memmap's per-index overhead.
         blocks, separators = load_block_index(corpus, self.seq_len, self.packing)
         self.blocks, self.separators = np.asarray(blocks), np.asarray(separators)
-        shards = corpus.shard_arrays()
-        self._shard_tokens = [np.asarray(t) for t, _ in shards]
-        self._shard_starts = np.concatenate([[0], np.cumsum([len(t) for t in self._shard_tokens])])
+        self._shard_starts = corpus.token_starts  # shards are mapped as read, a bounded number at once
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_corpus", "blocks", "separators", "_shard_tokens", "_shard_starts"):
+        for key in ("_corpus", "blocks", "separators", "_shard_starts"):
             state.pop(key)
         return state
 
@@ -204,7 +307,7 @@ class PackedBlocks(Dataset):
             base = int(self._shard_starts[s])
             end = min(stop, int(self._shard_starts[s + 1]))
             if end > start:
-                parts.append(self._shard_tokens[s][start - base : end - base])
+                parts.append(self._corpus.shard(s)[0][start - base : end - base])
             start = max(start, end)
             s += 1
         if not parts:
@@ -295,9 +398,11 @@ class StridedBatchSampler:
         self.per_rank = num_blocks // world_size
         self.consumed = consumed
 
+    permutation_cache: Path | None = None  # where a large epoch's order is shared (load_epoch_permutation)
+
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         epoch, offset = divmod(self.consumed, self.per_rank)
-        order = epoch_permutation(self.num_blocks, self.seed, epoch)
+        order = load_epoch_permutation(self.permutation_cache, self.num_blocks, self.seed, epoch)
         batch: list[tuple[int, int, int]] = []
         while True:
             position = self.rank + offset * self.world_size
@@ -305,7 +410,7 @@ class StridedBatchSampler:
             offset += 1
             if offset == self.per_rank:
                 epoch, offset = epoch + 1, 0
-                order = epoch_permutation(self.num_blocks, self.seed, epoch)
+                order = load_epoch_permutation(self.permutation_cache, self.num_blocks, self.seed, epoch)
             if len(batch) == self.batch_size:
                 yield batch
                 batch = []
@@ -422,6 +527,7 @@ class TrainLoader:
         sampler = StridedBatchSampler(
             len(self.dataset), self.micro_batch_size, self.seed, self.rank, self.world_size, self._consumed
         )
+        sampler.permutation_cache = self.dataset.path / "cache"
         workers = self.num_workers > 0
         # The iterator draws its workers' base seed from this generator, not from torch's global RNG (which
         # holds the dropout stream); masks do not depend on it (see MaskingCollator).

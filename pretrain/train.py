@@ -24,6 +24,7 @@ Outputs in the run directory (`trainer.output_dir`, default Hydra's `outputs/<na
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -98,23 +99,7 @@ class Trainer:
         seed_everything(t.seed + distributed.SEED_STRIDE * (env.rank + 1))
 
         tok_hash = tokenizer_hash(run.data.tokenizer)  # required: to_run_config refuses a run without it
-        corpus = Corpus.open(run.data.corpus, "train", expect_tokenizer_hash=tok_hash)
-        check_corpus(corpus, run.model.vocab_size, tok_hash)
-        word_start = word_starts(run.data.masking, run.data.tokenizer)  # None unless whole-word masking
-        self.loader = TrainLoader(
-            corpus, seq_len=run.data.seq_len, micro_batch_size=run.system.micro_batch_size,
-            packing=run.data.packing, masking=run.data.masking, seed=t.seed, rank=env.rank,
-            world_size=env.world_size, num_workers=run.system.num_workers, pin_memory=run.system.pin_memory,
-            prefetch_factor=run.system.prefetch_factor, word_start=word_start,
-        )
-        self.valid: ValidLoader | None = None
-        if "valid" in corpus.manifest["splits"] and corpus.manifest["splits"]["valid"]["tokens"] > 0:
-            valid_corpus = Corpus.open(run.data.corpus, "valid", expect_tokenizer_hash=tok_hash)
-            self.valid = ValidLoader(
-                valid_corpus, seq_len=run.data.seq_len, batch_size=run.system.micro_batch_size,
-                masking=run.data.masking, seed=t.seed, rank=env.rank, world_size=env.world_size,
-                packing=run.data.packing, word_start=word_start,
-            )
+        self.loader, self.valid = open_data(run, env, tok_hash)
 
         optimizer = build_optimizer(model, run.optim)
         scheduler = build_scheduler(optimizer, run.optim.lr, run.schedule)
@@ -340,6 +325,47 @@ class Trainer:
         """Every `trainer.save_every` steps; the last step's checkpoint is written after the loop."""
         every = self.run.trainer.save_every
         return bool(every) and self.step % every == 0 and self.step != end
+
+
+def open_data(run: PretrainConfig, env: distributed.DistEnv, tok_hash: str) -> tuple[TrainLoader, ValidLoader | None]:
+    """The run's training loader and validation loader (None without a valid split) for this rank.
+
+    Rank 0 hashes the corpus (remembered in .verified.json) and writes the block index cache first; the
+    other ranks then find both done, instead of each hashing and indexing the whole corpus at once.
+    """
+    t = run.trainer
+    word_start = word_starts(run.data.masking, run.data.tokenizer)  # None unless whole-word masking
+    with _corpus_refusal_on_every_rank(), \
+            distributed.rank_zero_first("verifying the corpus and building its block index"):
+        corpus = Corpus.open(run.data.corpus, "train", expect_tokenizer_hash=tok_hash)
+        check_corpus(corpus, run.model.vocab_size, tok_hash)
+        loader = TrainLoader(
+            corpus, seq_len=run.data.seq_len, micro_batch_size=run.system.micro_batch_size,
+            packing=run.data.packing, masking=run.data.masking, seed=t.seed, rank=env.rank,
+            world_size=env.world_size, num_workers=run.system.num_workers, pin_memory=run.system.pin_memory,
+            prefetch_factor=run.system.prefetch_factor, word_start=word_start,
+        )
+        valid: ValidLoader | None = None
+        if "valid" in corpus.manifest["splits"] and corpus.manifest["splits"]["valid"]["tokens"] > 0:
+            valid_corpus = Corpus.open(run.data.corpus, "valid", expect_tokenizer_hash=tok_hash)
+            valid = ValidLoader(
+                valid_corpus, seq_len=run.data.seq_len, batch_size=run.system.micro_batch_size,
+                masking=run.data.masking, seed=t.seed, rank=env.rank, world_size=env.world_size,
+                packing=run.data.packing, word_start=word_start,
+            )
+    return loader, valid
+
+
+@contextlib.contextmanager
+def _corpus_refusal_on_every_rank() -> Iterator[None]:
+    """A corpus refused on rank 0 (under `rank_zero_first`) is refused on every rank: the others get
+    rank 0's error as a CorpusError, so that every rank exits 2 as it did when each checked alone."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "CorpusError: " in str(e) and "rank 0 failed while" in str(e):
+            raise CorpusError(str(e)) from None
+        raise
 
 
 def setup_logging(rank: int) -> None:

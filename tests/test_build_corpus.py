@@ -41,6 +41,11 @@ def split_jargon(tmp_path: Path, jargon_path: Path, parts: int, max_docs: int = 
     return paths
 
 
+def one_unit_each(paths: list[Path]) -> int:
+    """A unit_bytes that makes each of these (similar-sized) files a unit of its own."""
+    return max(p.stat().st_size for p in paths)
+
+
 def build(tmp_path: Path, name: str, inputs, tokenizer: Path, **kw) -> Path:
     out = tmp_path / name
     spec = ",".join(str(p) for p in inputs) if isinstance(inputs, list) else str(inputs)
@@ -76,15 +81,17 @@ def test_jargon_corpus_holds_the_documents(jargon_corpus, jargon_tokenizer, jarg
 
 def test_same_bytes_whatever_the_workers(tmp_path, jargon_tokenizer, jargon_path):
     inputs = split_jargon(tmp_path, jargon_path, parts=3, max_docs=3000)
-    one = build(tmp_path, "w1", inputs, jargon_tokenizer, shard_tokens=5_000, batch_bytes=50_000)
-    two = build(tmp_path, "w2", inputs, jargon_tokenizer, shard_tokens=5_000, batch_bytes=7_000, workers=2)
+    unit = one_unit_each(inputs)
+    one = build(tmp_path, "w1", inputs, jargon_tokenizer, shard_tokens=5_000, batch_bytes=50_000, unit_bytes=unit)
+    two = build(tmp_path, "w2", inputs, jargon_tokenizer, shard_tokens=5_000, batch_bytes=7_000, workers=2,
+                unit_bytes=unit)
     assert corpus_bytes(one) == corpus_bytes(two)
     names = sorted(p.name for p in one.glob("*.bin"))
-    assert "train-00000-00001.bin" in names and "valid-00002-00000.bin" in names  # parts and per-file names
-    # a part ends with the document that brings it to shard_tokens; only a file's last part is short
+    assert "train-00000-00001.bin" in names and "valid-00002-00000.bin" in names  # parts and per-unit names
+    # a part ends with the document that brings it to shard_tokens; only a unit's last part is short
     shards = load_manifest(one)["splits"]["train"]["shards"]
     for entry, after in zip(shards, shards[1:]):
-        if entry["bin"].rsplit("-", 1)[0] == after["bin"].rsplit("-", 1)[0]:  # not its file's last part
+        if entry["bin"].rsplit("-", 1)[0] == after["bin"].rsplit("-", 1)[0]:  # not its unit's last part
             offsets = np.fromfile(one / entry["idx"], dtype="<u8", offset=24)
             assert offsets[-2] < 5_000 <= offsets[-1]
     # reading the parts back gives every file's documents in order, file after file
@@ -111,17 +118,25 @@ def test_document_lists_are_the_documents(tmp_path, jargon_path):
 
 
 def test_two_tasks_merged_equal_one_process(tmp_path, jargon_tokenizer, jargon_path):
+    """Task 0 of 2 alone takes every unit nobody holds; a unit record lost is named by merge and
+    rebuilt by task 1; the merged corpus is the one-process corpus. Records hold a settings hash."""
     inputs = split_jargon(tmp_path, jargon_path, parts=3, max_docs=1500)
-    single = build(tmp_path, "single", inputs, jargon_tokenizer)
+    unit = one_unit_each(inputs)
+    single = build(tmp_path, "single", inputs, jargon_tokenizer, unit_bytes=unit)
     out = tmp_path / "tasks"
     common = dict(output_dir=str(out), input=",".join(map(str, inputs)), tokenizer=str(jargon_tokenizer),
-                  progress=False)
+                  progress=False, unit_bytes=unit)
     summary = build_corpus(BuildCorpusArgs(**common, num_tasks=2, task_index=0))
-    assert summary["files_built"] == 2 and not (out / "manifest.json").exists()  # files 0 and 2
-    with pytest.raises(CorpusError, match=r"input files \[1\] are not built yet"):
+    assert summary["units_built"] == 3 and (out / "manifest.json").exists()
+    record = json.loads((out / ".build" / "unit-00001.json").read_text())
+    assert "settings" not in record and len(record["settings_hash"]) == 64
+    assert [p["input"] for p in record["pieces"]] == [1] and record["task"].startswith("0/2 ")
+    (out / ".build" / "unit-00001.json").unlink()
+    (out / "manifest.json").unlink()
+    with pytest.raises(CorpusError, match=r"units \[1\] are not built yet \(1 of 3\)"):
         merge(out)
     summary = build_corpus(BuildCorpusArgs(**common, num_tasks=2, task_index=1))
-    assert summary["files_built"] == 1 and (out / "manifest.json").exists()  # the last task merges
+    assert summary["units_built"] == 1 and summary["units_skipped"] == 2 and (out / "manifest.json").exists()
     (out / "manifest.json").unlink()
     build_corpus(BuildCorpusArgs(output_dir=str(out), merge=True))
     assert corpus_bytes(out) == corpus_bytes(single)
@@ -152,14 +167,62 @@ def test_eight_tasks_at_once_like_a_slurm_array(tmp_path, jargon_tokenizer, jarg
     """8 array tasks start in the same millisecond, 10 times, with the settings write slowed down to
     widen the window in which a start-up without a lock took another task's files for another corpus."""
     inputs = split_jargon(tmp_path, jargon_path, parts=8, max_docs=400)
-    single = build(tmp_path, "single", inputs, jargon_tokenizer)
+    unit = one_unit_each(inputs)
+    single = build(tmp_path, "single", inputs, jargon_tokenizer, unit_bytes=unit)
     outs, results = race(tmp_path, "array", inputs, jargon_tokenizer, [(8, t) for t in range(8)], rounds=10,
-                         delay_s=0.05)
+                         delay_s=0.05, unit_bytes=unit)
     errors = [f"task {i} round {r}: {e}" for i, res in results.items() for r, e in res.items() if e]
     assert not errors, "\n".join(errors)
     for out in outs:
         assert corpus_bytes(out) == corpus_bytes(single), out
         assert not list(out.glob("*.tmp")) and not list(out.glob(".build/*.tmp"))
+
+
+def test_a_skewed_input_built_by_four_tasks_at_once_is_the_one_process_corpus(tmp_path, jargon_tokenizer,
+                                                                             jargon_path):
+    """5 small files, one 30 times larger (cut into >= 10 byte ranges at document starts, a BOM and CRLF
+    line ends in it) and a .gz: 4 tasks at once, twice, give the one-process corpus byte for byte, with
+    every document once, in input order."""
+    docs = list(read_documents(jargon_path))
+    d = tmp_path / "in"
+    d.mkdir()
+    small = [d / f"a{i}.txt" for i in range(5)]
+    for i, path in enumerate(small):
+        path.write_text("\n\n".join(docs[i * 40 : (i + 1) * 40]) + "\n")
+    unit = one_unit_each(small)
+    big = d / "b.txt"  # sorts after the a*.txt
+    text, k = "", 200
+    while len(text.encode()) < 30 * unit:
+        text += docs[k] + ("\n\n" if k % 3 else "\n \n\n")  # blank-line runs, some with spaces
+        k += 1
+    big.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    gz = d / "c.jsonl.gz"
+    gz.write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in docs[k : k + 50]).encode()))
+    from data_prep.build_corpus import plan_units
+    from data_prep.io import expand_inputs
+
+    inputs = expand_inputs(f"{d}/*")
+    assert inputs == [*small, big, gz]
+    plan = plan_units(inputs, unit)
+    assert sum(1 for u in plan if u[0]["input"] == 5) >= 10 and len(plan[-1]) == 1 and plan[-1][0]["input"] == 6
+    single = build(tmp_path, "single", inputs, jargon_tokenizer, unit_bytes=unit, shard_tokens=3000,
+                   valid_fraction=0.05)
+    outs, results = race(tmp_path, "skew", inputs, jargon_tokenizer, [(4, t) for t in range(4)], rounds=2,
+                         delay_s=0.0, unit_bytes=unit, shard_tokens=3000, valid_fraction=0.05)
+    assert all(e is None for res in results.values() for e in res.values()), results
+    for out in outs:
+        assert corpus_bytes(out) == corpus_bytes(single), out
+    tasks = {json.loads(r.read_text())["task"].split()[0] for r in outs[0].glob(".build/unit-*.json")}
+    assert len(tasks) >= 2, tasks  # the work was shared
+    enc = document_encoder(load_tokenizer(jargon_tokenizer))
+    want = [t for p in inputs for t in read_documents(p)]
+    assert len(want) == 200 + (k - 200) + 50
+    for split in ("train", "valid"):
+        corpus = Corpus.open(single, split)
+        mine = [t for t in want if is_valid_doc(t, 0.05) == (split == "valid")]
+        assert [corpus[i].tolist() for i in range(len(corpus))] == [
+            e.ids for e in enc.encode_batch(mine, add_special_tokens=False)
+        ]
 
 
 def test_identical_builds_at_once_are_harmless(tmp_path, jargon_tokenizer, jargon_path):
@@ -210,8 +273,9 @@ def test_a_rerun_after_a_failed_build_is_not_a_different_corpus(tmp_path, jargon
 
 def test_split_does_not_move_when_files_are_added(tmp_path, jargon_tokenizer, jargon_path):
     a, b = split_jargon(tmp_path, jargon_path, parts=2, max_docs=1000)
-    only_a = build(tmp_path, "a", [a], jargon_tokenizer, valid_fraction=0.1)
-    both = build(tmp_path, "ab", [a, b], jargon_tokenizer, valid_fraction=0.1)
+    unit = one_unit_each([a, b])
+    only_a = build(tmp_path, "a", [a], jargon_tokenizer, valid_fraction=0.1, unit_bytes=unit)
+    both = build(tmp_path, "ab", [a, b], jargon_tokenizer, valid_fraction=0.1, unit_bytes=unit)
     for name in ("train-00000-00000.bin", "valid-00000-00000.bin", "valid-00000-00000.idx"):
         assert (only_a / name).read_bytes() == (both / name).read_bytes()
 
@@ -309,34 +373,36 @@ def test_join_lines_is_a_setting_of_the_corpus(tmp_path, jargon_tokenizer, jargo
     assert corpus_bytes(plain) == before
     r = run_cli(f"input={inp}", f"tokenizer={jargon_tokenizer}", f"output_dir={joined}", "valid_fraction=0",
                 "join_lines=true", check=True)
-    assert "files_skipped=1" in r.stdout  # the same settings: the same corpus, nothing rebuilt
+    assert "units_skipped=1" in r.stdout  # the same settings: the same corpus, nothing rebuilt
 
 
 def test_rerun_skips_verified_files_and_redoes_corrupt_ones(tmp_path, jargon_tokenizer, jargon_path):
     inputs = split_jargon(tmp_path, jargon_path, parts=2, max_docs=600)
-    out = build(tmp_path, "out", inputs, jargon_tokenizer)
+    unit = one_unit_each(inputs)
+    out = build(tmp_path, "out", inputs, jargon_tokenizer, unit_bytes=unit)
     before = corpus_bytes(out)
     args = BuildCorpusArgs(output_dir=str(out), input=",".join(map(str, inputs)),
-                           tokenizer=str(jargon_tokenizer), progress=False)
-    assert build_corpus(args)["files_skipped"] == 2
+                           tokenizer=str(jargon_tokenizer), progress=False, unit_bytes=unit)
+    assert build_corpus(args)["units_skipped"] == 2
     shard = out / "train-00001-00000.bin"
     data = bytearray(shard.read_bytes())
     data[10] ^= 0xFF
     shard.write_bytes(bytes(data))
     summary = build_corpus(args)
-    assert summary["files_built"] == 1 and summary["files_skipped"] == 1
+    assert summary["units_built"] == 1 and summary["units_skipped"] == 1
     assert corpus_bytes(out) == before
 
 
 def test_killed_build_resumes_to_the_same_bytes(tmp_path, jargon_tokenizer, jargon_path):
     inputs = split_jargon(tmp_path, jargon_path, parts=12, max_docs=11857)
     spec = ",".join(map(str, inputs))
-    reference = build(tmp_path, "reference", inputs, jargon_tokenizer, shard_tokens=5000)
+    unit = one_unit_each(inputs)
+    reference = build(tmp_path, "reference", inputs, jargon_tokenizer, shard_tokens=5000, unit_bytes=unit)
     out = tmp_path / "killed"
     argv = [sys.executable, "-m", "data_prep.build_corpus", f"input=[{spec}]", f"tokenizer={jargon_tokenizer}",
-            f"output_dir={out}", "shard_tokens=5000", "progress=false", "batch_bytes=4000"]
+            f"output_dir={out}", "shard_tokens=5000", "progress=false", "batch_bytes=4000", f"unit_bytes={unit}"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / ".build" / "file-00000.json"
+    first = out / ".build" / "unit-00000.json"
     deadline = time.monotonic() + 60
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -347,7 +413,7 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path, jargon_tokenizer, jarg
     rerun = [a for a in argv if not a.startswith("batch_bytes")]
     r = subprocess.run(rerun, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "files_skipped=0" not in r.stdout
+    assert "units_skipped=0" not in r.stdout
     assert (out / "train-00000-00000.bin").stat().st_mtime_ns == stamp  # file 0 was not redone
     assert not list(out.glob("*.tmp"))
     assert corpus_bytes(out) == corpus_bytes(reference)

@@ -211,3 +211,59 @@ def test_join_lines_matches_the_line_by_line_definition(tmp_path):
     want = [" ".join(line.strip() for line in d.split("\n")) for d in reference_txt_documents(data)]
     assert list(read_documents(p, join_lines=True)) == want
     assert want == [join_wrapped_lines(d) for d in docs_of(p)[0]] and not any("\n" in d for d in want)
+
+
+def test_a_blank_line_run_across_a_read_block_boundary_separates(tmp_path):
+    """A block (1 MiB) that ends inside a run of blank lines: the blank lines at the next block's start
+    are separator too, not the start of a document."""
+    head = "x" * ((1 << 20) - 6) + "\n \n"  # the first block ends here, after a separator...
+    data = (head + "  \n \nnext doc\n").encode()  # ...and the next one starts with blank lines
+    p = tmp_path / "a.txt"
+    p.write_bytes(data)
+    assert docs_of(p)[0] == reference_txt_documents(data) == ["x" * ((1 << 20) - 6), "next doc"]
+
+
+def ranges_read(path: Path, cuts: list[int]) -> tuple[list[str], ReadStats]:
+    stats = ReadStats()
+    docs = [d for a, b in zip(cuts, cuts[1:]) for lst in read_document_lists(path, stats, byte_range=(a, b))
+            for d in lst]
+    return docs, stats
+
+
+def test_byte_ranges_cut_at_document_starts_read_every_document_once(tmp_path, jargon_path):
+    """Cut anywhere, moved to the next document start (data_prep.io.document_start), the ranges read the
+    file's documents, each once and in order, with the same counters (a file counted once): .txt with
+    blank-line runs, whitespace lines, CRLF and a BOM; .jsonl with blank lines and a BOM; the Jargon File."""
+    from data_prep.io import document_start
+
+    rng = np.random.default_rng(1)
+    pieces = ["word", "ünï", "😀", " ", "\t", "  x  ", "\u3000", "\r"]
+    lines = []
+    for _ in range(3000):
+        kind = rng.integers(0, 6)
+        lines.append("" if kind == 0 else " \t " if kind == 1 else "".join(rng.choice(pieces, size=int(rng.integers(1, 9)))))
+    ends = rng.choice(["\n", "\r\n"], size=len(lines))
+    txt = tmp_path / "a.txt"
+    txt.write_bytes(b"\xef\xbb\xbf" + "".join(x + e for x, e in zip(lines, ends)).encode() + b"tail")
+    jsonl = tmp_path / "b.jsonl"
+    records = [json.dumps({"text": f"doc {i}"}) if i % 7 else "" for i in range(800)]
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(records).encode() + b"\n")
+    jargon = tmp_path / "jargon.txt"
+    jargon.write_bytes(gzip.decompress(jargon_path.read_bytes()))
+    for path in (txt, jsonl, jargon):
+        want, want_stats = docs_of(path)
+        size = path.stat().st_size
+        assert len(want) > 100
+        for trial in range(6):
+            n = [1, 3, 10, 40, 200, 1000][trial]
+            cuts = sorted({0, size} | {document_start(path, int(o)) for o in rng.integers(0, size + 1, size=n)})
+            assert len(cuts) > min(n, 20) // 2, (path, n)
+            docs, stats = ranges_read(path, cuts)
+            assert docs == want and stats == want_stats, (path.name, n)
+    # a document start: .jsonl at any line start, .txt only after a blank line
+    assert document_start(jsonl, 1) == jsonl.read_bytes().index(b"\n") + 1
+    t = tmp_path / "c.txt"
+    t.write_bytes(b"ab\ncd\n \r\n\nef\n")
+    assert [document_start(t, o) for o in (0, 1, 3, 6, 9, 10, 11, 99)] == [0, 9, 9, 9, 9, 10, 13, 13]
+    with pytest.raises(InputError, match="read whole"):
+        list(read_document_lists(jargon_path, byte_range=(0, 10)))
