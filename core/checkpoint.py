@@ -293,7 +293,8 @@ class CheckpointManager:
     `trainer` is saved by rank 0 as JSON (its state_dict must be JSON-able) and loaded on every rank;
     `per_rank` objects are saved by each rank with its RNG states; a rank the saving run did not have
     (a resume on more ranks) loads rank 0's objects (their state must be the same on every rank, as the
-    loader's global position is) and seeds its RNGs from `new_rank_seed(seed, rank, step)`. `estimate_bytes` (about the size of
+    loader's global position is) and seeds its RNGs from `new_rank_seed(seed, rank, step)`.
+    `estimate_bytes` (about the size of
     a checkpoint) is what a full disk's message says before the run has a checkpoint to measure; once it
     has one, a save is refused up front when the disk has less free than that checkpoint took.
     """

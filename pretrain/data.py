@@ -389,8 +389,8 @@ class TrainLoader:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         global_batch = global_batch or micro_batch_size * world_size
         if global_batch % (micro_batch_size * world_size):
-            raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch_size {micro_batch_size} x "
-                             f"world_size {world_size}")
+            raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch_size "
+                             f"{micro_batch_size} x world_size {world_size}")
         self.dataset = PackedBlocks(corpus, seq_len, packing)
         if len(self.dataset) < global_batch:
             raise CorpusError(
@@ -451,7 +451,9 @@ class TrainLoader:
         if version == 1:
             epoch, position = self._from_version_1(state)
         if not 0 <= position < self.epoch_length:
-            raise ValueError(f"data loader state samples_in_epoch={position} is outside [0, {self.epoch_length})")
+            raise ValueError(
+                f"data loader state samples_in_epoch={position} is outside [0, {self.epoch_length})"
+            )
         if position % self.world_size:
             raise ValueError(
                 f"data loader state samples_in_epoch={position} is not a multiple of world_size "
@@ -481,7 +483,8 @@ class TrainLoader:
             return epoch, per_rank * saved_w
         raise ValueError(
             f"a version-1 data loader state at epoch {epoch}, sample {per_rank} of this rank: its epochs held "
-            f"{old_length} positions (num_blocks {len(self.dataset)} cut to a multiple of world_size {saved_w}), "
+            f"{old_length} positions (num_blocks {len(self.dataset)} cut to a multiple of world_size "
+            f"{saved_w}), "
             f"the order now cuts them to a multiple of the global batch {self.global_batch} "
             f"({self.epoch_length}); the two orders differ from position {self.epoch_length} of epoch 0 on, "
             "so this position has no equivalent: finish the run with the code that saved it, or start afresh "

@@ -29,7 +29,8 @@ from core.checkpoint import DEEPSPEED_DIR, TORCH_MODEL, TORCH_OPTIMIZER, TORCH_S
 from core.model import MaskedLMOutput
 from pretrain.config import PretrainConfig
 from pretrain.optim import SkippableAdamW
-from pretrain.universal import UNIVERSAL_DIR, load_universal, mark_for_universal, partitioned_world_size, to_universal
+from pretrain.universal import (UNIVERSAL_DIR, load_universal, mark_for_universal, partitioned_world_size,
+                                to_universal)
 
 log = logging.getLogger(__name__)
 

@@ -160,7 +160,8 @@ class Trainer:
                 "with its own backend"
             )
         if state["world_size"] != self.env.world_size:
-            log.info("elastic resume: saved by %d rank(s), resuming on %d", state["world_size"], self.env.world_size)
+            log.info("elastic resume: saved by %d rank(s), resuming on %d", state["world_size"],
+                     self.env.world_size)
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.wandb_id = state.get("wandb_run_id")
 
