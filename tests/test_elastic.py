@@ -21,7 +21,7 @@ import pytest
 import torch
 from train_runner import REPO
 
-from core.checkpoint import DEEPSPEED_DIR, load_model_state
+from core.checkpoint import DEEPSPEED_DIR, load_model_state, problem
 from pretrain.universal import UNIVERSAL_DIR, to_universal
 
 STAGES = (0, 1, 2, 3)
@@ -136,6 +136,7 @@ def test_a_resume_on_another_world_size_holds_exactly_the_saved_states(runs, sta
         assert torch.equal(sa[name], sb[name]), name
     if stage:
         assert (saved / UNIVERSAL_DIR).is_dir()
+        assert problem(saved, check_hashes=True) is None  # the copy is not in checkpoint.json
         assert f"ZeRO states of 2 rank(s), loading on {world}: through the universal checkpoint" in outputs[world]
     ref, cont = records(root / f"z{stage}_ref"), records(root / f"z{stage}_w{world}_cont")
     assert min(cont) == 4 and {4, 5} <= set(cont)  # resumed, not from scratch (z3_w3's `again` adds 6)
