@@ -101,6 +101,11 @@ def _list_files(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+class UnresumableError(ValueError):
+    """A saved state this run cannot continue from (a loader position of another order, ZeRO states that
+    cannot be converted for this world size); the message says why. The trainer exits 2 on it."""
+
+
 class NoSpaceError(OSError):
     """A checkpoint that could not be written for want of disk space; the partial directory is gone and
     the newest complete checkpoint is untouched. The message names the path, the step and the size."""

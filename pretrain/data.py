@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.checkpoint import UnresumableError
 from core.tokenizer import check_built_with, load_tokenizer
 from data_prep.corpus import MANIFEST, Corpus
 from data_prep.shards import CorpusError
@@ -438,12 +439,12 @@ class TrainLoader:
         mine = self.state_dict()
         version = state.get("version", 1)
         if version not in (1, LOADER_STATE_VERSION):
-            raise ValueError(f"data loader state version {version!r} is not one this code reads (1 or 2)")
+            raise UnresumableError(f"data loader state version {version!r}: this code reads 1 and 2")
         for key in ("seed", "seq_len", "packing", "num_blocks", *(("global_batch",) if version == 2 else ())):
             if key not in state:
-                raise ValueError(f"data loader state has no {key!r}: not a TrainLoader state_dict")
+                raise UnresumableError(f"data loader state has no {key!r}: not a TrainLoader state_dict")
             if state[key] != mine[key]:
-                raise ValueError(
+                raise UnresumableError(
                     f"cannot resume the data loader: checkpoint has {key}={state[key]!r}, this run has "
                     f"{key}={mine[key]!r}; the sample order would differ"
                 )
@@ -451,11 +452,11 @@ class TrainLoader:
         if version == 1:
             epoch, position = self._from_version_1(state)
         if not 0 <= position < self.epoch_length:
-            raise ValueError(
+            raise UnresumableError(
                 f"data loader state samples_in_epoch={position} is outside [0, {self.epoch_length})"
             )
         if position % self.world_size:
-            raise ValueError(
+            raise UnresumableError(
                 f"data loader state samples_in_epoch={position} is not a multiple of world_size "
                 f"{self.world_size}: the ranks cannot split the position (not saved at a step boundary?)"
             )
@@ -469,10 +470,10 @@ class TrainLoader:
         cuts epochs to a multiple of the global batch. They read the same positions in epoch 0 up to the
         new epoch's end, and in every epoch when the two epoch lengths are equal."""
         if "world_size" not in state:
-            raise ValueError("data loader state has no 'world_size': not a TrainLoader state_dict")
+            raise UnresumableError("data loader state has no 'world_size': not a TrainLoader state")
         saved_w = int(state["world_size"])
         if saved_w != self.world_size:
-            raise ValueError(
+            raise UnresumableError(
                 f"a version-1 data loader state (a position per rank, saved by world_size={saved_w}) resumes "
                 f"only on its own world size, this run has world_size={self.world_size}: resume it on "
                 f"{saved_w} rank(s) once, and the next checkpoint resumes on any world size"
@@ -481,7 +482,7 @@ class TrainLoader:
         old_length = len(self.dataset) // saved_w * saved_w
         if old_length == self.epoch_length or (epoch == 0 and per_rank * saved_w < self.epoch_length):
             return epoch, per_rank * saved_w
-        raise ValueError(
+        raise UnresumableError(
             f"a version-1 data loader state at epoch {epoch}, sample {per_rank} of this rank: its epochs held "
             f"{old_length} positions (num_blocks {len(self.dataset)} cut to a multiple of world_size "
             f"{saved_w}), "

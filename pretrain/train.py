@@ -195,7 +195,7 @@ class Trainer:
         self.check_resumable(path)
         try:
             self.checkpoints.load(path)
-        except ResumeError as e:
+        except (ResumeError, checkpoint.UnresumableError) as e:
             raise ResumeError(f"{path}: {e}") from None
         log.info("resumed from %s at step %d", path, self.step)
 

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.checkpoint import DEEPSPEED_DIR
+from core.checkpoint import DEEPSPEED_DIR, UnresumableError
 from pretrain import distributed
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def to_universal(ckpt: str | os.PathLike) -> Path:
             except BaseException as e:
                 tail = said.getvalue()[-2000:]
                 if isinstance(e, AssertionError) and UNIVERSAL_CHECKPOINT_INFO in str(e):
-                    raise RuntimeError(
+                    raise UnresumableError(
                         f"{ckpt}: saved without {UNIVERSAL_CHECKPOINT_INFO} (by a version before elastic resume): "
                         "its ZeRO states resume only on the world size that wrote them"
                     ) from None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.checkpoint import UnresumableError  # the trainer's exit 2 on a state it cannot continue from
 from core.model import IGNORE_INDEX
 from data_prep.corpus import Corpus, write_manifest
 from data_prep.shards import CorpusError, ShardWriter, token_dtype
@@ -383,7 +384,7 @@ def test_a_version_1_state_is_refused_where_the_orders_differ(corpus_docs):
     assert num_blocks // 2 * 2 != num_blocks // G * G, "old and new epoch lengths must differ here"
     two = TrainLoader(corpus, seq_len=32, micro_batch_size=MICRO, seed=9, world_size=2, num_workers=0,
                       global_batch=G)
-    with pytest.raises(ValueError, match=r"version-1 .* epoch 1, .*differ .*trainer.resume=none"):
+    with pytest.raises(UnresumableError, match=r"version-1 .* epoch 1, .*differ .*trainer.resume=none"):
         two.load_state_dict(version_1(states[0], per_rank=6, epoch=1))
     with pytest.raises(ValueError, match=r"version-1 .*epoch 0, .*differ"):  # the tail epoch 0 had, not now
         two.load_state_dict(version_1(states[0], per_rank=num_blocks // G * G // 2))
