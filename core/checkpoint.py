@@ -101,6 +101,11 @@ def _list_files(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+class UnresumableError(ValueError):
+    """A saved state this run cannot continue from (a loader position of another order, ZeRO states that
+    cannot be converted for this world size); the message says why. The trainer exits 2 on it."""
+
+
 class NoSpaceError(OSError):
     """A checkpoint that could not be written for want of disk space; the partial directory is gone and
     the newest complete checkpoint is untouched. The message names the path, the step and the size."""
@@ -291,15 +296,19 @@ class CheckpointManager:
         manager.load(path)            # the engine, then each object's load_state_dict, then the RNG states
 
     `trainer` is saved by rank 0 as JSON (its state_dict must be JSON-able) and loaded on every rank;
-    `per_rank` objects are saved by each rank with its RNG states. `estimate_bytes` (about the size of
+    `per_rank` objects are saved by each rank with its RNG states; a rank the saving run did not have
+    (a resume on more ranks) loads rank 0's objects (their state must be the same on every rank, as the
+    loader's global position is) and seeds its RNGs from `new_rank_seed(seed, rank, step)`.
+    `estimate_bytes` (about the size of
     a checkpoint) is what a full disk's message says before the run has a checkpoint to measure; once it
     has one, a save is refused up front when the disk has less free than that checkpoint took.
     """
 
     def __init__(self, root: str | os.PathLike, rank: int, keep_last: int, engine: EngineFiles, *,
                  trainer: Stateful, per_rank: dict[str, Stateful], run_config: Callable[[], str],
-                 estimate_bytes: int = 0):
+                 estimate_bytes: int = 0, seed: int = 0):
         self.root, self.rank, self.keep_last, self.estimate_bytes = Path(root), rank, keep_last, estimate_bytes
+        self.seed = seed
         self.engine, self.trainer, self.per_rank, self.run_config = engine, trainer, per_rank, run_config
 
     def save(self, step: int) -> Path:
@@ -351,10 +360,17 @@ class CheckpointManager:
     def load(self, path: Path) -> None:
         self.trainer.load_state_dict(json.loads((path / TRAINER_STATE).read_text()))  # may refuse first
         self.engine.load(path)
-        state = torch.load(path / RANK_STATE.format(self.rank), weights_only=False)
+        own = path / RANK_STATE.format(self.rank)
+        state = torch.load(own if own.is_file() else path / RANK_STATE.format(0), weights_only=False)
         for key, obj in self.per_rank.items():
             obj.load_state_dict(state[key])
-        set_rng_state(state["rng"])
+        if own.is_file():
+            set_rng_state(state["rng"])
+        else:  # a rank the saving run did not have: its streams cannot follow any saved one
+            seed = new_rank_seed(self.seed, self.rank, step_of(path))
+            log.info("rank %d: not in the checkpoint's run; RNG seeded from (seed %d, rank, step)", self.rank,
+                     self.seed)
+            seed_rngs(seed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -369,6 +385,19 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
+
+
+def new_rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a rank that a resumed run has and the saving run had not: a function of (seed, rank,
+    step) only, so a rerun of the same resume draws the same dropout (63 bits)."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

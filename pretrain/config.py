@@ -79,7 +79,9 @@ class ScheduleConfig:
     final_lr: float = 0.0
     """Learning rate at `max_steps` after the linear decay."""
     global_batch_size: int = MISSING
-    """Sequences per optimizer step over all ranks (= micro_batch_size x grad_accum x world size)."""
+    """Sequences per optimizer step over all ranks (= micro_batch_size x grad_accum x world size). It fixes
+    the sample order: a checkpoint resumes on any world size W for which it is a multiple of
+    micro_batch_size x W."""
 
 
 @dataclass
@@ -93,7 +95,8 @@ class SystemConfig:
     micro_batch_size: int = MISSING
     """Sequences per forward/backward on one rank."""
     grad_accum: Optional[int] = None
-    """Micro-batches per optimizer step on one rank; null = derived from the global batch."""
+    """Micro-batches per optimizer step on one rank; null = derived from the global batch for each world
+    size (what a resume on another number of ranks needs)."""
     compile: bool = False
     """`torch.compile` each transformer layer."""
     activation_checkpointing: bool = False
@@ -230,7 +233,8 @@ def derive_grad_accum(global_batch: int, micro_batch: int, grad_accum: int | Non
     if micro_batch * grad_accum * world_size != global_batch:
         raise ConfigError(
             f"schedule.global_batch_size={global_batch} != system.micro_batch_size={micro_batch} x "
-            f"system.grad_accum={grad_accum} x world_size={world_size} (= {per_step * grad_accum})"
+            f"system.grad_accum={grad_accum} x world_size={world_size} (= {per_step * grad_accum}); leave "
+            "system.grad_accum null to derive it for each world size (a resume on another one)"
         )
     return grad_accum
 

@@ -13,12 +13,19 @@ The block index (stream start and length of every block) and the separator posit
 the `.idx` offsets alone, vectorised, and cached beside the corpus as `cache/*.npy` named by a hash of
 the manifest, split and packing settings; workers memory-map them. Opening a corpus reads no token.
 
-Sampling. Epoch e orders the blocks by a permutation drawn from `np.random.default_rng([seed, e])`.
-Rank r of W reads epoch positions r, r+W, r+2W, ...: with a global batch G = micro_batch x accum x W,
-the samples of optimizer step k on all ranks together are exactly epoch positions [kG, (k+1)G). Each
-rank reads `num_blocks // W` samples per epoch: the last `num_blocks % W` positions of every epoch's
-permutation are dropped so that ranks stay equal. The stream of samples runs on over epochs without a
-break (a micro-batch may hold the end of one epoch and the start of the next).
+Sampling. The global order of samples depends only on the seed, the corpus (its block count) and the
+global batch G, never on the number of ranks. Epoch e orders the blocks by a permutation drawn from
+`np.random.default_rng([seed, e])`, cut to its first `num_blocks // G * G` positions (the epoch length
+is a multiple of G; the rest of the permutation is dropped for that epoch). Optimizer step k reads
+epoch positions [kG, (k+1)G) (counted over epochs), and rank r of W reads that step's positions
+r, r+W, r+2W, ...: with G = micro_batch x accum x W, the samples of step k on all ranks together are
+exactly those positions, whatever W. The stream of samples runs on over epochs without a break.
+
+Elastic resume. The loader's state is one global position (`version` 2: `epoch`, `samples_in_epoch`,
+`global_batch`), the same on every rank: after step k a run on any W' (with G a multiple of
+micro_batch x W') reads positions [kG, (k+1)G) next. A version-1 state (a position per rank, from
+before) resumes on its own W where the old order (epochs of `num_blocks // W * W` positions) and the
+new one agree, and is refused with the reason otherwise.
 
 Masks come from `pretrain.masking.Masker`, seeded by (seed, epoch, epoch position): the same sample has
 the same mask whatever the number of workers or ranks.
@@ -38,6 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core.checkpoint import UnresumableError
 from core.tokenizer import check_built_with, load_tokenizer
 from data_prep.corpus import MANIFEST, Corpus
 from data_prep.shards import CorpusError
@@ -383,19 +391,26 @@ def epoch_permutation(num_blocks: int, seed: int, epoch: int) -> np.ndarray:
     return order
 
 
-class StridedBatchSampler:
-    """Infinite batches of `(epoch, position, block)` keys for one rank, starting at `consumed` samples.
+def epoch_length(num_blocks: int, global_batch: int) -> int:
+    """Positions read per epoch: the permutation cut to a multiple of the global batch."""
+    return num_blocks // global_batch * global_batch
 
-    Rank r reads epoch positions r, r+W, ...; `num_blocks // W` samples per rank per epoch. Starting at
-    any `consumed` costs one permutation: nothing before it is generated or read.
+
+class StridedBatchSampler:
+    """Infinite batches of `(epoch, position, block)` keys for one rank, starting at `consumed` samples of
+    this rank.
+
+    Each epoch reads the first `epoch_length(num_blocks, global_batch)` positions of its permutation; rank
+    r reads positions r, r+W, ... of them (`epoch_length / W` samples per rank per epoch). Starting at any
+    `consumed` costs one permutation: nothing before it is generated or read.
     """
 
-    def __init__(
-        self, num_blocks: int, batch_size: int, seed: int, rank: int, world_size: int, consumed: int
-    ):
+    def __init__(self, num_blocks: int, batch_size: int, seed: int, rank: int, world_size: int, consumed: int,
+                 global_batch: int | None = None):
         self.num_blocks, self.batch_size = num_blocks, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.per_rank = num_blocks // world_size
+        self.global_batch = global_batch or batch_size * world_size
+        self.per_rank = epoch_length(num_blocks, self.global_batch) // world_size
         self.consumed = consumed
 
     permutation_cache: Path | None = None  # where a large epoch's order is shared (load_epoch_permutation)
@@ -438,14 +453,22 @@ def _make_masker(corpus: Corpus, masking: MaskingConfig, word_start: np.ndarray 
     return Masker(masking, corpus.vocab_size, corpus.manifest["special_tokens"], word_start)
 
 
+LOADER_STATE_VERSION = 2
+"""2: one global position (`epoch`, `samples_in_epoch` over all ranks, `global_batch`); 1: per rank."""
+
+
 class TrainLoader:
     """Infinite, resumable stream of masked training micro-batches for one rank.
 
     Each batch is `{"input_ids", "attention_mask", "labels"}`, int64 `[micro_batch_size, seq_len]`.
-    `state_dict()` records the samples this rank has been given (not what workers prefetched);
-    `load_state_dict()` moves the position, and the next `iter(loader)` continues from there without
-    reading the skipped samples. One iterator is live at a time: `load_state_dict` and a new
-    `iter(loader)` close the previous one (and its worker processes).
+    `global_batch` (G, default micro_batch_size x world_size) fixes the order (see the module's
+    docstring); it must be a multiple of micro_batch_size x world_size.
+    `state_dict()` records the global position of the samples given out (this rank's count times W:
+    at a step boundary every rank has the same, the state is the same on every rank), not what workers
+    prefetched; `load_state_dict()` moves the position, possibly one saved by another world size, and
+    the next `iter(loader)` continues from there without reading the skipped samples. One iterator is
+    live at a time: `load_state_dict` and a new `iter(loader)` close the previous one (and its worker
+    processes).
     """
 
     def __init__(
@@ -462,6 +485,7 @@ class TrainLoader:
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         word_start: np.ndarray | None = None,
+        global_batch: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not within world_size {world_size}")
@@ -469,21 +493,27 @@ class TrainLoader:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        global_batch = global_batch or micro_batch_size * world_size
+        if global_batch % (micro_batch_size * world_size):
+            raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch_size "
+                             f"{micro_batch_size} x world_size {world_size}")
         self.dataset = PackedBlocks(corpus, seq_len, packing)
-        if len(self.dataset) < world_size:
+        if len(self.dataset) < global_batch:
             raise CorpusError(
                 f"{corpus.path}: split {corpus.split!r} packs into {len(self.dataset)} blocks of seq_len "
-                f"{seq_len}, fewer than world_size {world_size}"
+                f"{seq_len}, fewer than the global batch {global_batch}"
             )
         self.seq_len, self.micro_batch_size, self.packing = seq_len, micro_batch_size, packing
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.seed, self.rank, self.world_size, self.global_batch = seed, rank, world_size, global_batch
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.collate = MaskingCollator(
             _make_masker(corpus, masking or MaskingConfig(), word_start), seed, self.dataset.pad
         )
-        self.samples_per_epoch = len(self.dataset) // world_size
-        self._consumed = 0  # samples given to the caller, over all epochs
+        self.epoch_length = epoch_length(len(self.dataset), global_batch)
+        self.samples_per_epoch = self.epoch_length // world_size
+        """Samples of one epoch this rank reads."""
+        self._consumed = 0  # samples given to the caller on this rank, over all epochs
         # A weak reference: the live iterator's frame refers to this loader, and a strong one back would
         # make a cycle that only the garbage collector frees, which shuts worker processes down slowly.
         self._live: weakref.ref[Generator[dict[str, torch.Tensor], None, None]] | None = None
@@ -494,38 +524,83 @@ class TrainLoader:
         return self._consumed // self.samples_per_epoch
 
     def state_dict(self) -> dict[str, Any]:
+        """The global position (the same on every rank at a step boundary) and what fixes the order."""
         return {
+            "version": LOADER_STATE_VERSION,
             "epoch": self.epoch,
-            "samples_in_epoch": self._consumed % self.samples_per_epoch,
+            "samples_in_epoch": self._consumed % self.samples_per_epoch * self.world_size,
+            "global_batch": self.global_batch,
             "seed": self.seed,
-            "world_size": self.world_size,
             "seq_len": self.seq_len,
             "packing": self.packing,
             "num_blocks": len(self.dataset),
+            "world_size": self.world_size,  # who saved it (a version-1 state resumes only on its own)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; refuses a state of another seed, world size, packing or corpus."""
+        """Continue from a saved position, on this world size. Refuses a state of another seed, packing,
+        seq_len, corpus or global batch (the order would differ), a position the ranks cannot split, and
+        a version-1 state where its order and this one's disagree."""
         mine = self.state_dict()
-        for key in ("seed", "world_size", "seq_len", "packing", "num_blocks"):
+        version = state.get("version", 1)
+        if version not in (1, LOADER_STATE_VERSION):
+            raise UnresumableError(f"data loader state version {version!r}: this code reads 1 and 2")
+        for key in ("seed", "seq_len", "packing", "num_blocks", *(("global_batch",) if version == 2 else ())):
             if key not in state:
-                raise ValueError(f"data loader state has no {key!r}: not a TrainLoader state_dict")
+                raise UnresumableError(f"data loader state has no {key!r}: not a TrainLoader state_dict")
             if state[key] != mine[key]:
-                raise ValueError(
+                raise UnresumableError(
                     f"cannot resume the data loader: checkpoint has {key}={state[key]!r}, this run has "
                     f"{key}={mine[key]!r}; the sample order would differ"
                 )
-        if not 0 <= state["samples_in_epoch"] < self.samples_per_epoch:
-            raise ValueError(
-                f"data loader state samples_in_epoch={state['samples_in_epoch']} is outside "
-                f"[0, {self.samples_per_epoch})"
+        epoch, position = (int(state["epoch"]), int(state["samples_in_epoch"]))
+        if version == 1:
+            epoch, position = self._from_version_1(state)
+        if not 0 <= position < self.epoch_length:
+            raise UnresumableError(
+                f"data loader state samples_in_epoch={position} is outside [0, {self.epoch_length})"
             )
-        self._consumed = state["epoch"] * self.samples_per_epoch + state["samples_in_epoch"]
+        if position % self.world_size:
+            raise UnresumableError(
+                f"data loader state samples_in_epoch={position} is not a multiple of world_size "
+                f"{self.world_size}: the ranks cannot split the position (not saved at a step boundary?)"
+            )
+        self._consumed = epoch * self.samples_per_epoch + position // self.world_size
         self.close()
+
+    def _from_version_1(self, state: dict[str, Any]) -> tuple[int, int]:
+        """(epoch, global position) of a version-1 state, where its order is this one's; else ValueError.
+
+        Version 1 counted samples per rank, in epochs of `num_blocks // W * W` positions; the order now
+        cuts epochs to a multiple of the global batch. They read the same positions in epoch 0 up to the
+        new epoch's end, and in every epoch when the two epoch lengths are equal."""
+        if "world_size" not in state:
+            raise UnresumableError("data loader state has no 'world_size': not a TrainLoader state")
+        saved_w = int(state["world_size"])
+        if saved_w != self.world_size:
+            raise UnresumableError(
+                f"a version-1 data loader state (a position per rank, saved by world_size={saved_w}) resumes "
+                f"only on its own world size, this run has world_size={self.world_size}: resume it on "
+                f"{saved_w} rank(s) once, and the next checkpoint resumes on any world size"
+            )
+        epoch, per_rank = int(state["epoch"]), int(state["samples_in_epoch"])
+        old_length = len(self.dataset) // saved_w * saved_w
+        if old_length == self.epoch_length or (epoch == 0 and per_rank * saved_w < self.epoch_length):
+            return epoch, per_rank * saved_w
+        raise UnresumableError(
+            f"a version-1 data loader state at epoch {epoch}, sample {per_rank} of this rank: its epochs held "
+            f"{old_length} positions (num_blocks {len(self.dataset)} cut to a multiple of world_size "
+            f"{saved_w}), "
+            f"the order now cuts them to a multiple of the global batch {self.global_batch} "
+            f"({self.epoch_length}); the two orders differ from position {self.epoch_length} of epoch 0 on, "
+            "so this position has no equivalent: finish the run with the code that saved it, or start afresh "
+            "(trainer.resume=none)"
+        )
 
     def _dataloader(self) -> DataLoader:
         sampler = StridedBatchSampler(
-            len(self.dataset), self.micro_batch_size, self.seed, self.rank, self.world_size, self._consumed
+            len(self.dataset), self.micro_batch_size, self.seed, self.rank, self.world_size, self._consumed,
+            self.global_batch,
         )
         sampler.permutation_cache = self.dataset.path / "cache"
         workers = self.num_workers > 0

@@ -18,6 +18,7 @@ update was applied (False also when DeepSpeed's own overflow check found a non-f
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ from core.checkpoint import DEEPSPEED_DIR, TORCH_MODEL, TORCH_OPTIMIZER, TORCH_S
 from core.model import MaskedLMOutput
 from pretrain.config import PretrainConfig
 from pretrain.optim import SkippableAdamW
+from pretrain.universal import (UNIVERSAL_DIR, load_universal, mark_for_universal, partitioned_world_size,
+                                to_universal)
+
+log = logging.getLogger(__name__)
 
 
 class TorchEngine:
@@ -137,6 +142,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.optimizer, self.scheduler = optimizer, scheduler
+        mark_for_universal(model)  # so that its ZeRO states can be converted for another world size
         self.engine, _, _, _ = deepspeed.initialize(
             model=model.to(device),
             optimizer=optimizer,
@@ -186,6 +192,15 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
 
     def load(self, directory: Path) -> None:
+        """Any world size: partitioned ZeRO states of another one go through the universal checkpoint
+        (pretrain.universal); ZeRO-0's whole optimizer loads as it is."""
+        saved = partitioned_world_size(directory)
+        world_size = self.engine.dp_world_size
+        if saved and saved != world_size:
+            log.info("ZeRO states of %d rank(s), loading on %d: through the universal checkpoint %s", saved,
+                     world_size, directory / UNIVERSAL_DIR)
+            load_universal(self.engine, to_universal(directory).parent)
+            return
         path, _ = self.engine.load_checkpoint(
             str(directory), tag=self.TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )

@@ -110,14 +110,17 @@ class StepMetrics:
         return step % self.log_every == 0 or step == end or stop
 
     def log(self, step: int, *, loss: float, lr: float, skipped_steps: int, epoch: int,
-            grad_norm: float | None) -> None:
-        """One training record over the window since the last one; then a new window."""
+            grad_norm: float | None, samples: int | None = None) -> None:
+        """One training record over the window since the last one; then a new window. `samples`: the
+        global count of samples consumed so far (step x global batch, continuing across resumes)."""
         elapsed = time.perf_counter() - self._start
         tok_s = self.tokens_per_step * self._steps / elapsed
         record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s, "data_wait": self._wait / elapsed,
                   "skipped_steps": skipped_steps, "epoch": epoch}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        if samples is not None:
+            record["samples"] = samples
         if self.peak_flops:
             record["mfu"] = mfu(tok_s, self.flops_per_token, self.peak_flops)
         if self.writer is not None:

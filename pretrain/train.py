@@ -118,7 +118,8 @@ class Trainer:
         self.checkpoints = checkpoint.CheckpointManager(
             self.ckpt_root, env.rank, run.trainer.keep_last, self.engine, trainer=self,
             per_rank={"loader": self.loader}, run_config=lambda: resolved_yaml(cfg),
-            estimate_bytes=CHECKPOINT_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()))
+            estimate_bytes=CHECKPOINT_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()),
+            seed=t.seed)
 
     # ----------------------------------------------------------------------------------------------
     # checkpoints
@@ -134,11 +135,17 @@ class Trainer:
                 "skipped_steps": self.skipped_steps, "wandb_run_id": self.wandb_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["world_size"] != self.env.world_size or state["backend"] != self.run.trainer.backend:
+        """The step and counters; any world size (elastic resume: the loader's position is global, the
+        engine converts partitioned ZeRO states), but not another backend."""
+        if state["backend"] != self.run.trainer.backend:
             raise ResumeError(
                 f"saved by {state['world_size']} rank(s) with trainer.backend={state['backend']}; this run has "
-                f"{self.env.world_size} with trainer.backend={self.run.trainer.backend}"
+                f"{self.env.world_size} with trainer.backend={self.run.trainer.backend}: a checkpoint resumes "
+                "with its own backend"
             )
+        if state["world_size"] != self.env.world_size:
+            log.info("elastic resume: saved by %d rank(s), resuming on %d", state["world_size"],
+                     self.env.world_size)
         self.step, self.skipped_steps = int(state["step"]), int(state["skipped_steps"])
         self.wandb_id = state.get("wandb_run_id")
 
@@ -172,7 +179,7 @@ class Trainer:
         self.check_resumable(path)
         try:
             self.checkpoints.load(path)
-        except ResumeError as e:
+        except (ResumeError, checkpoint.UnresumableError) as e:
             raise ResumeError(f"{path}: {e}") from None
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -281,7 +288,8 @@ class Trainer:
                 return distributed.EXIT_NONFINITE
             if self.metrics.should_log(self.step, end, stop):
                 self.metrics.log(self.step, loss=loss, lr=lr, skipped_steps=self.skipped_steps,
-                                 epoch=self.loader.epoch, grad_norm=self.engine.last_grad_norm)
+                                 epoch=self.loader.epoch, grad_norm=self.engine.last_grad_norm,
+                                 samples=self.step * self.run.schedule.global_batch_size)
             if self.should_validate(end):
                 self.metrics.log_validation(self.step, self.validate())
             if stop:
@@ -344,6 +352,7 @@ def open_data(run: PretrainConfig, env: distributed.DistEnv, tok_hash: str) -> t
             packing=run.data.packing, masking=run.data.masking, seed=t.seed, rank=env.rank,
             world_size=env.world_size, num_workers=run.system.num_workers, pin_memory=run.system.pin_memory,
             prefetch_factor=run.system.prefetch_factor, word_start=word_start,
+            global_batch=run.schedule.global_batch_size,
         )
         valid: ValidLoader | None = None
         if "valid" in corpus.manifest["splits"] and corpus.manifest["splits"]["valid"]["tokens"] > 0:

@@ -132,6 +132,27 @@ def test_manager_round_trips_every_object_and_the_rng(tmp_path):
         saver.find(str(tmp_path / "step_00000009"))
 
 
+def test_a_rank_the_saving_run_had_not_takes_rank_0s_objects_and_a_seed_of_seed_rank_step(tmp_path):
+    """Elastic resume on more ranks: rank 1 of a run resumed from a 1-rank checkpoint loads rank 0's
+    per-rank objects (the loader's state is global) and seeds its RNGs from new_rank_seed(seed, 1, step)."""
+    from core.checkpoint import CheckpointManager, new_rank_seed, seed_rngs
+
+    def manager(rank, engine, trainer, loader):
+        return CheckpointManager(tmp_path, rank, 2, engine, trainer=trainer, per_rank={"loader": loader},
+                                 run_config=lambda: "name: x\n", seed=11)
+
+    path = manager(0, _Engine(3.0), _Box(step=5), _Box(epoch=1, position=12)).save(5)
+    assert not (path / "rank_00001.pt").exists()
+    loader = _Box()
+    torch.manual_seed(99)
+    manager(1, _Engine(0.0), _Box(), loader).load(path)
+    drawn = torch.rand(3)
+    seed_rngs(new_rank_seed(11, 1, 5))
+    assert loader.state == {"epoch": 1, "position": 12} and torch.equal(drawn, torch.rand(3))
+    seeds = {new_rank_seed(11, r, s) for r in (1, 2) for s in (5, 6)} | {new_rank_seed(12, 1, 5)}
+    assert len(seeds) == 5 and all(0 <= x < 2**63 for x in seeds)
+
+
 def test_an_unreadable_file_is_a_problem_named_not_a_crash(tmp_path, monkeypatch):
     """resume=auto passes over a newest checkpoint whose file cannot be read and names why (root reads a
     chmod 000 file, so the permission error is raised where the file is read)."""

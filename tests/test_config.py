@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +126,19 @@ def test_global_batch_must_factor():
     with pytest.raises(ConfigError, match=r"global_batch_size=16 is not a multiple .*micro_batch_size=4 .*world_size=3"):
         to_run_config(composed("data.corpus=/c", "data.tokenizer=/t", "schedule.global_batch_size=16", "system.micro_batch_size=4"),
                       world_size=3, check_corpus=False)
+
+
+def test_a_world_size_the_global_batch_does_not_fit_exits_2_naming_the_three_values(tmp_path):
+    """Elastic resume: the global batch fixes the sample order; a world size W' it cannot be split over
+    (G not a multiple of micro_batch x W') is refused at start-up, before any process group."""
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "5", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "experiment=debug", "data.corpus=/c",
+                           "data.tokenizer=/t", "schedule.global_batch_size=12", "system.micro_batch_size=2",
+                           f"trainer.output_dir={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert re.search(r"global_batch_size=12 is not a multiple .*micro_batch_size=2 .*world_size=5",
+                     proc.stdout + proc.stderr)
 
 
 def test_grad_accum_is_derived():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.checkpoint import UnresumableError  # the trainer's exit 2 on a state it cannot continue from
 from core.model import IGNORE_INDEX
 from data_prep.corpus import Corpus, write_manifest
 from data_prep.shards import CorpusError, ShardWriter, token_dtype
@@ -298,8 +299,98 @@ def test_resume_refuses_incompatible_state(corpus_docs):
     with pytest.raises(ValueError, match=r"seed=0.*seed=1"):
         other.load_state_dict(state)
     two = TrainLoader(corpus, seq_len=32, micro_batch_size=2, seed=0, world_size=2, num_workers=0)
-    with pytest.raises(ValueError, match="world_size"):
-        two.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"global_batch=2, this run has global_batch=4"):
+        two.load_state_dict(state)  # another global batch: another order
+
+
+# --- elastic resume: the order depends on the global batch, not on the world size -----------------
+
+G, MICRO = 12, 2  # global batch 12: 2 ranks x 3 micro-batches, 1 x 6, 3 x 2
+
+
+def global_steps(corpus: Corpus, world_size: int, steps: int, state: dict | None = None,
+                 seed: int = 9) -> tuple[list[list[tuple]], list[dict]]:
+    """`steps` optimizer steps of `world_size` ranks (from `state`), as each step's global samples in
+    position order ((input_ids, labels) of each, so masks are compared too), and the ranks' states."""
+    accum = G // (MICRO * world_size)
+    loaders = [TrainLoader(corpus, seq_len=32, micro_batch_size=MICRO, seed=seed, rank=r, world_size=world_size,
+                           num_workers=0, global_batch=G) for r in range(world_size)]
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    per_rank = [[(tuple(ids.tolist()), tuple(lab.tolist())) for b in take(loader, steps * accum)
+                 for ids, lab in zip(b["input_ids"], b["labels"])] for loader in loaders]
+    out = []
+    for k in range(steps):
+        chunk = [samples[k * G // world_size : (k + 1) * G // world_size] for samples in per_rank]
+        out.append([chunk[i % world_size][i // world_size] for i in range(G)])  # rank r holds r, r+W, ...
+    return out, [loader.state_dict() for loader in loaders]
+
+
+def test_an_epoch_is_cut_to_a_multiple_of_the_global_batch(corpus_docs):
+    corpus, _ = corpus_docs
+    one = TrainLoader(corpus, seq_len=32, micro_batch_size=MICRO, num_workers=0, global_batch=G)
+    num_blocks = len(one.dataset)
+    assert num_blocks % G, "the corpus should not be a multiple of G: the cut would not be tested"
+    assert one.epoch_length == num_blocks // G * G
+    three = TrainLoader(corpus, seq_len=32, micro_batch_size=MICRO, rank=2, world_size=3, num_workers=0,
+                        global_batch=G)
+    assert three.samples_per_epoch * 3 == one.samples_per_epoch == one.epoch_length
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_a_resume_on_any_world_size_reads_the_uninterrupted_samples_and_masks(corpus_docs, world_size):
+    """2 ranks stop after k steps; 1, 2 or 3 ranks go on and read what the uninterrupted 2-rank run reads
+    at steps k+1.., samples and masks, across an epoch boundary."""
+    corpus, _ = corpus_docs
+    steps_per_epoch = len(PackedBlocks(corpus, 32, "full_sentences")) // G
+    k, more = steps_per_epoch - 2, 4  # ends two steps into the next epoch
+    straight, _ = global_steps(corpus, 2, k + more)
+    _, states = global_steps(corpus, 2, k)
+    assert all(s == states[0] for s in states), "the loader state differs between ranks"
+    assert states[0]["version"] == 2 and states[0]["samples_in_epoch"] == k * G
+    resumed, after = global_steps(corpus, world_size, more, states[0])
+    assert resumed == straight[k:]
+    assert after[0]["epoch"] == 1 and after[0]["samples_in_epoch"] == (k + more - steps_per_epoch) * G
+
+
+def test_a_position_the_ranks_cannot_split_is_refused(corpus_docs):
+    corpus, _ = corpus_docs
+    _, states = global_steps(corpus, 1, 1)
+    three = TrainLoader(corpus, seq_len=32, micro_batch_size=MICRO, seed=9, world_size=3, num_workers=0,
+                        global_batch=G)
+    with pytest.raises(ValueError, match=r"samples_in_epoch=10 is not a multiple of world_size 3"):
+        three.load_state_dict(states[0] | {"samples_in_epoch": 10})
+
+
+def version_1(state: dict, per_rank: int, epoch: int = 0) -> dict:
+    """A loader state as the code before elastic resume saved it: a position per rank, no global batch."""
+    return {"epoch": epoch, "samples_in_epoch": per_rank, "seed": state["seed"], "world_size": state["world_size"],
+            "seq_len": state["seq_len"], "packing": state["packing"], "num_blocks": state["num_blocks"]}
+
+
+def test_a_version_1_state_resumes_on_its_world_size_where_the_orders_agree(corpus_docs):
+    corpus, _ = corpus_docs
+    straight, states = global_steps(corpus, 2, 5)
+    old = version_1(states[0], per_rank=2 * G // 2)  # after step 2 of 2 ranks
+    resumed, _ = global_steps(corpus, 2, 3, old)
+    assert resumed == straight[2:]
+
+
+def test_a_version_1_state_is_refused_where_the_orders_differ(corpus_docs):
+    corpus, _ = corpus_docs
+    _, states = global_steps(corpus, 2, 1)
+    num_blocks = states[0]["num_blocks"]
+    assert num_blocks // 2 * 2 != num_blocks // G * G, "old and new epoch lengths must differ here"
+    two = TrainLoader(corpus, seq_len=32, micro_batch_size=MICRO, seed=9, world_size=2, num_workers=0,
+                      global_batch=G)
+    with pytest.raises(UnresumableError, match=r"version-1 .* epoch 1, .*differ .*trainer.resume=none"):
+        two.load_state_dict(version_1(states[0], per_rank=6, epoch=1))
+    with pytest.raises(ValueError, match=r"version-1 .*epoch 0, .*differ"):  # the tail epoch 0 had, not now
+        two.load_state_dict(version_1(states[0], per_rank=num_blocks // G * G // 2))
+    one = TrainLoader(corpus, seq_len=32, micro_batch_size=MICRO, seed=9, num_workers=0, global_batch=G)
+    with pytest.raises(ValueError, match=r"version-1 .*world_size=2.*only on its own world size.*world_size=1"):
+        one.load_state_dict(version_1(states[0], per_rank=6))
 
 
 def test_workers_give_the_same_batches(corpus_docs):
