@@ -1,7 +1,7 @@
 """The two training backends behind one small interface: DeepSpeed (ZeRO 0-3) and plain PyTorch.
 
     engine = build_engine(run_cfg, model, optimizer, scheduler, device)   # grad_accum: run_cfg.system
-    out = engine.forward(batch)                    # MaskedLMOutput, loss summed over masked tokens
+    out = engine.forward(batch, max_predictions)   # MaskedLMOutput, loss summed over masked tokens
     engine.backward(out.loss * engine.grad_scale / global_count)   # then, per micro-batch:
     engine.micro_step(boundary, skip)              # at the boundary: the optimizer step (or a skip)
     engine.save(dir) / engine.load(dir)
@@ -52,9 +52,10 @@ class TorchEngine:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MaskedLMOutput:
+    def forward(self, batch: dict[str, torch.Tensor], max_predictions: int | None = None) -> MaskedLMOutput:
         with self._autocast():
-            return self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
+            return self.module(batch["input_ids"], batch.get("attention_mask"), batch["labels"], reduction="sum",
+                               max_predictions=max_predictions)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -189,8 +190,9 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MaskedLMOutput:
-        return self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
+    def forward(self, batch: dict[str, torch.Tensor], max_predictions: int | None = None) -> MaskedLMOutput:
+        return self.engine(batch["input_ids"], batch.get("attention_mask"), batch["labels"], reduction="sum",
+                           max_predictions=max_predictions)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
