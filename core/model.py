@@ -9,6 +9,7 @@ head and `RobertaForMaskedLM`, then the task heads with HF's names and maths:
     model = RobertaForMaskedLM(cfg)
     out = model(input_ids, attention_mask=None, labels=labels)  # labels: -100 = not predicted
     out.loss, out.num_predictions, out.logits
+    model(input_ids, None, labels, max_predictions=77)  # the trainer's: static shapes, no host sync
 
     clf = RobertaForSequenceClassification(cfg, num_labels=3)
     missing, unexpected = clf.load_state_dict(model.state_dict(), strict=False)  # the head / lm_head.*
@@ -19,7 +20,7 @@ Vp the vocabulary padded to a multiple of `pad_vocab_multiple` (internal only), 
 
 Speed options, each tested to give the same results: bf16 autocast from outside, per-layer activation
 checkpointing (`model.activation_checkpointing = True`), `torch.compile` of a layer without graph
-breaks, and the padded vocabulary. Parallelism and compile are applied from outside; this file does
+breaks (of the whole model with `fullgraph=True` given `max_predictions`), and the padded vocabulary. Parallelism and compile are applied from outside; this file does
 no I/O except `RobertaConfig.from_preset`, which reads the YAML presets in `conf/model/`.
 """
 from __future__ import annotations

@@ -44,3 +44,24 @@ def test_peak_and_mfu():
     assert mfu(1000.0, 2e9, 4e12) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="peak"):
         mfu(1.0, 1.0, 0.0)
+
+
+def test_mfu_counts_only_the_real_tokens():
+    """A step of 100 positions of which 60 are real (the rest padding): tokens_per_s counts every
+    position, MFU the 60 real tokens only (within one record both use the same window)."""
+    from pretrain.metrics import StepMetrics
+
+    records = []
+
+    class Writer:
+        def write(self, record):
+            records.append(record)
+
+    for real in (None, 60.0):
+        metrics = StepMetrics(Writer(), name="t", log_every=1, tokens_per_step=100, max_steps=1, step=0,
+                              flops_per_token=1e9, peak_flops=1e12, progress_bar=False)
+        metrics.advance(real)
+        metrics.log(1, loss=1.0, lr=1e-3, skipped_steps=0, epoch=0, grad_norm=None)
+    full, padded = records
+    assert full["mfu"] == pytest.approx(full["tokens_per_s"] * 1e9 / 1e12, rel=1e-9)
+    assert padded["mfu"] == pytest.approx(padded["tokens_per_s"] * 0.6 * 1e9 / 1e12, rel=1e-9)
