@@ -9,6 +9,7 @@ head and `RobertaForMaskedLM`, then the task heads with HF's names and maths:
     model = RobertaForMaskedLM(cfg)
     out = model(input_ids, attention_mask=None, labels=labels)  # labels: -100 = not predicted
     out.loss, out.num_predictions, out.logits
+    model(input_ids, None, labels, max_predictions=77)  # the trainer's: static shapes, no host sync
 
     clf = RobertaForSequenceClassification(cfg, num_labels=3)
     missing, unexpected = clf.load_state_dict(model.state_dict(), strict=False)  # the head / lm_head.*
@@ -19,7 +20,7 @@ Vp the vocabulary padded to a multiple of `pad_vocab_multiple` (internal only), 
 
 Speed options, each tested to give the same results: bf16 autocast from outside, per-layer activation
 checkpointing (`model.activation_checkpointing = True`), `torch.compile` of a layer without graph
-breaks, and the padded vocabulary. Parallelism and compile are applied from outside; this file does
+breaks (of the whole model with `fullgraph=True` given `max_predictions`), and the padded vocabulary. Parallelism and compile are applied from outside; this file does
 no I/O except `RobertaConfig.from_preset`, which reads the YAML presets in `conf/model/`.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -321,13 +323,16 @@ class RobertaPreTrainedModel(nn.Module):
     @staticmethod
     def _attention_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
         """[B, S] 0/1 -> [B, 1, 1, S] bool for SDPA, or None when there is no padding (so fused / flash
-        kernels run). The all-ones check is skipped under torch.compile (the mask is kept: same result)."""
+        kernels run). The all-ones check runs only on a CPU mask and outside torch.compile: on an
+        accelerator it would be a host sync (a mask given there is used as it is, the same result), so a
+        caller that knows there is no padding passes None (the trainer checks its host copy)."""
         if attention_mask is None:
             return None
         if attention_mask.shape != shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(shape)}")
-        if not torch.compiler.is_compiling() and bool(attention_mask.all()):
+        if (not torch.compiler.is_compiling() and attention_mask.device.type == "cpu"
+                and bool(attention_mask.all())):
             return None
         return attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
 
@@ -355,16 +360,20 @@ class LMHead(nn.Module):
         return logits
 
 
-@dataclass
-class MaskedLMOutput:
-    """What `RobertaForMaskedLM.forward` returns."""
+class MaskedLMOutput(NamedTuple):
+    """What `RobertaForMaskedLM.forward` returns. A NamedTuple, so that code walking a module's outputs
+    for their tensors finds them (DeepSpeed ZeRO-3's backward hooks see tuples, lists and dicts only; a
+    dataclass hid the loss from them), and torch.compile / pytree treat it as a container."""
 
     logits: torch.Tensor
-    """Without labels [B, S, V]; with labels [N, V] for the N predicted positions only (row-major order)."""
+    """Without labels [B, S, V]; with labels [N, V] for the N predicted positions only (row-major
+    order), or [B * K, V] with `max_predictions=K` (rows beyond a sample's predictions are padding)."""
     loss: torch.Tensor | None = None
     """With labels: cross-entropy over the predicted positions, mean or sum (see `reduction`); else None."""
     num_predictions: torch.Tensor | None = None
     """With labels: N, the number of labels != -100 (a long scalar tensor); else None."""
+    targets: torch.Tensor | None = None
+    """With labels: the label of each row of `logits` ([N], or [B * K] with -100 on padding rows)."""
 
 
 class RobertaForMaskedLM(RobertaPreTrainedModel):
@@ -389,9 +398,16 @@ class RobertaForMaskedLM(RobertaPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         reduction: str = "mean",
+        max_predictions: int | None = None,
     ) -> MaskedLMOutput:
         """input_ids [B, S]; attention_mask [B, S] (1 = token, 0 = padding) or None for no padding;
-        labels [B, S] with -100 where nothing is predicted; reduction "mean" or "sum" of the loss."""
+        labels [B, S] with -100 where nothing is predicted; reduction "mean" or "sum" of the loss.
+
+        `max_predictions` K: a static bound on the labels per sample (the trainer's, from the masking
+        rate). The head then runs on K gathered positions per sample, the predicted ones first, and the
+        rest carry label -100: every shape is fixed, no host sync, the whole model compiles with
+        `fullgraph=True`. A sample with more than K labels loses the ones beyond K (the caller checks).
+        None: the head runs on exactly the N predicted positions (a data-dependent shape: `nonzero`)."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         hidden = self.encode(input_ids, attention_mask)  # [B, S, D]
@@ -401,17 +417,31 @@ class RobertaForMaskedLM(RobertaPreTrainedModel):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
-        flat_labels = labels.reshape(-1)  # [B * S]
-        # The one data-dependent shape of the model (a graph break under torch.compile, outside the layers).
-        index = flat_labels.ne(IGNORE_INDEX).nonzero().squeeze(1)  # [N]
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # [B * S, D] -> [N, D]
-        targets = flat_labels.index_select(0, index)  # [N]
-        logits = self.lm_head(hidden, self.embeddings.word.weight)  # [N, V]
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
-        count = torch.tensor(index.shape[0], device=index.device)
+        predicted = labels.ne(IGNORE_INDEX)  # [B, S]
+        if max_predictions is None:
+            # The one data-dependent shape of the model (a graph break under torch.compile, a host sync).
+            index = predicted.reshape(-1).nonzero().squeeze(1)  # [N]
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # [B * S, D] -> [N, D]
+            targets = labels.reshape(-1).index_select(0, index)  # [N]
+        else:
+            if max_predictions <= 0:
+                raise ValueError(f"max_predictions must be positive, got {max_predictions}")
+            batch, seq = labels.shape
+            k = min(max_predictions, seq)
+            # A key unique per position: predicted ones above the rest, earlier above later, so the top k
+            # are the sample's predicted positions in order, then unpredicted ones (label -100).
+            order = torch.arange(seq - 1, -1, -1, device=labels.device)  # [S]: S-1 .. 0
+            key = predicted.int() * seq + order  # [B, S]
+            index = key.topk(k, dim=1).indices  # [B, K]
+            hidden = hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, K, D]
+            hidden = hidden.reshape(batch * k, -1)  # [B * K, D]
+            targets = labels.gather(1, index).reshape(-1)  # [B * K], -100 on padding rows
+        logits = self.lm_head(hidden, self.embeddings.word.weight)  # [N or B * K, V]
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
+        count = predicted.sum()  # a device scalar: no host sync
         if reduction == "mean":
             loss = loss / count.clamp(min=1)
-        return MaskedLMOutput(logits=logits, loss=loss, num_predictions=count)
+        return MaskedLMOutput(logits=logits, loss=loss, num_predictions=count, targets=targets)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -121,9 +121,16 @@ class DeepSpeedConfig:
     offload_param: bool = False
     """Keep parameters on the CPU (ZeRO 3 only)."""
     overlap_comm: bool = False
-    """Overlap the gradient reduction with the backward pass."""
+    """Overlap the gradient reduction with the backward pass (ZeRO 2-3; ZeRO-1 in bf16 reduces once per
+    step, at the accumulation boundary, and ignores it)."""
+    contiguous_gradients: bool = True
+    """Copy reduced gradients into one contiguous buffer as they are produced (ZeRO 2-3: less
+    fragmentation, one copy per bucket)."""
     reduce_bucket_size: int = 500_000_000
+    """Elements per gradient reduction bucket (ZeRO 2-3). A bucket as big as the model reduces only after
+    the whole backward, so nothing overlaps it: keep it a fraction of the parameter count."""
     allgather_bucket_size: int = 500_000_000
+    """Elements per all-gather of the updated parameters after the optimizer step (ZeRO 1-2)."""
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The two training backends behind one small interface: DeepSpeed (ZeRO 0-3) and plain PyTorch.
 
     engine = build_engine(run_cfg, model, optimizer, scheduler, device)   # grad_accum: run_cfg.system
-    out = engine.forward(batch)                    # MaskedLMOutput, loss summed over masked tokens
+    out = engine.forward(batch, max_predictions)   # MaskedLMOutput, loss summed over masked tokens
     engine.backward(out.loss * engine.grad_scale / global_count)   # then, per micro-batch:
     engine.micro_step(boundary, skip)              # at the boundary: the optimizer step (or a skip)
     engine.save(dir) / engine.load(dir)
@@ -34,6 +34,8 @@ from pretrain.universal import (UNIVERSAL_DIR, load_universal, mark_for_universa
 
 log = logging.getLogger(__name__)
 
+log = logging.getLogger("pretrain.engine")
+
 
 class TorchEngine:
     """One process, one device: autocast for bf16 (fp32 master weights), AdamW, optional clipping."""
@@ -54,9 +56,10 @@ class TorchEngine:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MaskedLMOutput:
+    def forward(self, batch: dict[str, torch.Tensor], max_predictions: int | None = None) -> MaskedLMOutput:
         with self._autocast():
-            return self.module(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
+            return self.module(batch["input_ids"], batch.get("attention_mask"), batch["labels"], reduction="sum",
+                               max_predictions=max_predictions)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -103,13 +106,27 @@ class TorchEngine:
         self.scheduler.load_state_dict(torch.load(directory / TORCH_SCHEDULER))
 
 
+def grad_accum_dtype(cfg: PretrainConfig) -> str | None:
+    """The `data_types.grad_accum_dtype` of a run: "fp32" for bf16 at ZeRO 1-3, else None (the default).
+
+    DeepSpeed's bf16 accumulates gradients in bf16 unless told otherwise: over many micro-batches (256 on
+    one GPU for the paper's batch) the small contributions are lost to bf16's 8-bit mantissa. DeepSpeed
+    0.19.8 accumulates in fp32 at ZeRO-1 (BF16_Optimizer: fp32 gradient buffers, one all-reduce per
+    step), ZeRO-1 with offload, ZeRO-2 and ZeRO-3 (fp32 gradient partitions). It refuses bf16 with fp32
+    accumulation at ZeRO-0 (`NotImplementedError: unsupported mix`), so ZeRO-0 keeps bf16 accumulation
+    (DeepSpeedEngine warns when it accumulates; use ZeRO-1 for bf16 with accumulation)."""
+    if cfg.system.precision == "bf16" and cfg.deepspeed.zero_stage >= 1:
+        return "fp32"
+    return None
+
+
 def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
     """The DeepSpeed config dict of a run (the optimizer and scheduler are client objects)."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
-        "contiguous_gradients": True,
+        "contiguous_gradients": ds.contiguous_gradients,
         "reduce_bucket_size": ds.reduce_bucket_size,
         "allgather_bucket_size": ds.allgather_bucket_size,
     }
@@ -117,7 +134,7 @@ def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.system.pin_memory}
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.system.pin_memory}
-    return {
+    config = {
         "train_batch_size": cfg.schedule.global_batch_size,
         "train_micro_batch_size_per_gpu": cfg.system.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -129,6 +146,20 @@ def deepspeed_config(cfg: PretrainConfig, grad_accum: int) -> dict[str, Any]:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    accum_dtype = grad_accum_dtype(cfg)
+    if accum_dtype is not None:
+        config["data_types"] = {"grad_accum_dtype": accum_dtype}
+    return config
+
+
+def accumulation_dtype(ds_engine: Any) -> torch.dtype:
+    """The dtype in which a DeepSpeed engine's optimizer wrapper actually accumulates gradients (read
+    from the wrapper DeepSpeed built, not from the config)."""
+    opt = ds_engine.optimizer
+    for attr in ("grad_acc_dtype", "gradient_accumulation_dtype"):  # BF16_Optimizer; ZeRO 1-3
+        if getattr(opt, attr, None) is not None:
+            return getattr(opt, attr)
+    return next(p.dtype for p in ds_engine.module.parameters())  # ZeRO-0: in the parameters' .grad
 
 
 class DeepSpeedEngine:
@@ -152,14 +183,21 @@ class DeepSpeedEngine:
         self.module = self.engine.module
         self.device = device
         self.grad_scale = float(self.engine.dp_world_size)
+        accum = accumulation_dtype(self.engine)
+        log.info("DeepSpeed ZeRO-%d, %s: optimizer %s, gradients accumulated in %s", cfg.deepspeed.zero_stage,
+                 cfg.system.precision, type(self.engine.optimizer).__name__, str(accum).removeprefix("torch."))
+        if accum == torch.bfloat16 and grad_accum > 1:
+            log.warning("gradients of %d micro-batches are accumulated in bf16 (DeepSpeed has no fp32 accumulation "
+                        "at ZeRO-0): use deepspeed=zero1 for bf16 with accumulation", grad_accum)
 
     @property
     def last_grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> MaskedLMOutput:
-        return self.engine(batch["input_ids"], batch["attention_mask"], batch["labels"], reduction="sum")
+    def forward(self, batch: dict[str, torch.Tensor], max_predictions: int | None = None) -> MaskedLMOutput:
+        return self.engine(batch["input_ids"], batch.get("attention_mask"), batch["labels"], reduction="sum",
+                           max_predictions=max_predictions)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)

@@ -8,7 +8,8 @@
 
 Records (one JSON object per line of `<output_dir>/metrics.jsonl`, and the same to wandb): a training
 record every `trainer.log_every` steps, at the last step and at a stop (step, loss, lr, tokens_per_s,
-data_wait, skipped_steps, epoch, grad_norm when known, mfu when the device's peak is known), and a
+data_wait, skipped_steps, epoch, grad_norm when known, mfu when the device's peak is known: over the
+real, non-padding tokens only), and a
 validation record (step, valid/*). The progress display is a tqdm bar on a terminal; anywhere else
 (a SLURM .out file, a pipe) it is one plain log line per training record, never a line per refresh.
 """
@@ -90,7 +91,7 @@ class StepMetrics:
                  progress_bar: bool):
         self.writer, self.log_every, self.tokens_per_step = writer, log_every, tokens_per_step
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self._start, self._wait, self._steps = time.perf_counter(), 0.0, 0
+        self._start, self._wait, self._steps, self._real = time.perf_counter(), 0.0, 0, 0.0
         self._bar = None
         if writer is not None and progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
@@ -121,8 +122,8 @@ class StepMetrics:
             record["grad_norm"] = grad_norm
         if samples is not None:
             record["samples"] = samples
-        if self.peak_flops:
-            record["mfu"] = mfu(tok_s, self.flops_per_token, self.peak_flops)
+        if self.peak_flops:  # model FLOPs of the real tokens only: padding is not useful work
+            record["mfu"] = mfu(self._real / elapsed, self.flops_per_token, self.peak_flops)
         if self.writer is not None:
             self.writer.write(record)
         shown = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}"}
@@ -132,11 +133,13 @@ class StepMetrics:
             self._bar.set_postfix(shown, refresh=False)
         elif self._plain:
             log.info("step %d/%d %s", step, self._max_steps, " ".join(f"{k}={v}" for k, v in shown.items()))
-        self._start, self._wait, self._steps = time.perf_counter(), 0.0, 0
+        self._start, self._wait, self._steps, self._real = time.perf_counter(), 0.0, 0, 0.0
 
-    def advance(self) -> None:
-        """A step is done (before `log`)."""
+    def advance(self, real_tokens: float | None = None) -> None:
+        """A step is done (before `log`); `real_tokens`: its non-padding tokens over all ranks (None: all
+        `tokens_per_step` are real). `tokens_per_s` counts every position, `mfu` the real tokens only."""
         self._steps += 1
+        self._real += self.tokens_per_step if real_tokens is None else real_tokens
         if self._bar is not None:
             self._bar.update(1)
 

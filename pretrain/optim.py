@@ -77,14 +77,21 @@ class SkippableAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> SkippableAdamW:
-    """AdamW with the config's peak rate (the scheduler scales it), betas, eps and weight decay."""
+    """AdamW with the config's peak rate (the scheduler scales it), betas, eps and weight decay.
+
+    Parameters on CUDA get the fused kernel (`fused=True`: one launch for all parameters, no host sync);
+    elsewhere the foreach implementation, whose results the CPU golden losses were made with (the fused
+    CPU kernel rounds differently). DeepSpeed hands its own fp32 partitions to this optimizer's groups on
+    the same device, so the choice holds under ZeRO too (offloaded states: the CPU's fused kernel)."""
+    groups = param_groups(model, cfg.weight_decay)
+    on_cuda = any(p.is_cuda for group in groups for p in group["params"])
     return SkippableAdamW(
-        param_groups(model, cfg.weight_decay),
+        groups,
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        foreach=True,
+        **({"fused": True} if on_cuda else {"foreach": True}),
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import sys
 from pathlib import Path
@@ -114,6 +115,8 @@ class Trainer:
         peak = device_peak_flops(device, dtype)
         self.peak_flops = None if peak is None else peak * env.world_size
         self.consecutive_nonfinite = 0
+        self.step_real_tokens = 0.0
+        """Non-padding tokens of the last step over all ranks (for MFU; read with the step's one sync)."""
         self.metrics: StepMetrics  # set by fit()
         self.checkpoints = checkpoint.CheckpointManager(
             self.ckpt_root, env.rank, run.trainer.keep_last, self.engine, trainer=self,
@@ -187,28 +190,62 @@ class Trainer:
     # the step
 
     def _next_batches(self, it: Iterator[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """This rank's micro-batches of the next step, on the device (loading draws nothing from torch's
-        global RNG: the dropout stream of a resumed run is the uninterrupted run's)."""
-        nb = self.device.type == "cuda"
-        return [{k: v.to(self.device, non_blocking=nb) for k, v in next(it).items()} for _ in range(self.grad_accum)]
+        """This rank's micro-batches of the next step, still on the host (pinned when the loader pins:
+        `train_step` copies each to the device just before its forward). An all-ones attention mask is
+        dropped here, on the host copy, so the model needs no device-side check (a host sync) to use the
+        fused attention kernels. Loading draws nothing from torch's global RNG: the dropout stream of a
+        resumed run is the uninterrupted run's."""
+        batches = []
+        for _ in range(self.grad_accum):
+            batch = dict(next(it))
+            if bool(batch["attention_mask"].all()):
+                del batch["attention_mask"]
+            batches.append(batch)
+        return batches
 
-    def micro_batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A host micro-batch on the device: asynchronous from pinned memory on CUDA."""
+        nb = self.device.type == "cuda"
+        return {k: v.to(self.device, non_blocking=nb) for k, v in batch.items()}
+
+    def max_predictions(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        """The static bound of predicted positions per sample the model's head gathers (`max_predictions`):
+        the masker chooses floor(mask_prob * n + u) <= ceil(mask_prob * seq_len) positions per sample
+        (pretrain/masking.py, u < 1), so that bound holds for token masking; whole-word masking has
+        none below seq_len. Checked on the host copy of the labels (no device sync)."""
+        masking, seq_len = self.run.data.masking, self.run.data.seq_len
+        bound = seq_len if masking.whole_word else max(1, math.ceil(masking.mask_prob * seq_len))
+        most = max(int(b["labels"].ne(IGNORE_INDEX).sum(1).max()) for b in batches)
+        if most > bound:
+            raise RuntimeError(f"a sample has {most} masked positions, more than the bound {bound} of "
+                               f"data.masking.mask_prob={masking.mask_prob} x data.seq_len={seq_len}")
+        return bound
+
+    def micro_batch_loss(self, batch: dict[str, torch.Tensor],
+                         max_predictions: int | None = None) -> torch.Tensor:
         """The loss of one micro-batch, summed over its masked tokens (the tests' fault injection
         overrides this in a subclass: tests/train_runner.py)."""
-        return self.engine.forward(batch).loss
+        return self.engine.forward(batch, max_predictions=max_predictions).loss
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> tuple[float, bool, bool]:
-        """One optimizer step over this rank's micro-batches: (loss, applied, stop requested anywhere).
+        """One optimizer step over this rank's host micro-batches: (loss, applied, stop requested anywhere).
 
-        Two all-reduces: the masked-token count before the first forward, and (loss sum, non-finite flag,
-        stop flag) before the optimizer step; the step's one host synchronisation reads them with the count.
+        Two all-reduces: the masked-token count (counted on the host copies) before the first forward, and
+        (loss sum, non-finite flag, stop flag, real tokens) before the optimizer step; the step's one host
+        synchronisation reads them with the count. Micro-batch i+1 is copied to the device before the
+        forward of micro-batch i, so its copy is queued ahead of the compute that needs it.
         """
-        local_count = torch.stack([b["labels"].ne(IGNORE_INDEX).sum() for b in batches]).sum()
-        count = distributed.all_reduce(local_count.to(torch.float64).reshape(1))
+        local_count = sum(int(b["labels"].ne(IGNORE_INDEX).sum()) for b in batches)
+        real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                   for b in batches)
+        bound = self.max_predictions(batches)
+        count = distributed.all_reduce(torch.full((1,), local_count, dtype=torch.float64, device=self.device))
         scale = self.engine.grad_scale / count.clamp(min=1)
         loss_sum = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for i, batch in enumerate(batches):
-            loss = self.micro_batch_loss(batch)
+        ahead = self._to_device(batches[0])
+        for i in range(len(batches)):
+            batch, ahead = ahead, (self._to_device(batches[i + 1]) if i + 1 < len(batches) else None)
+            loss = self.micro_batch_loss(batch, bound)
             self.engine.backward((loss * scale).to(loss.dtype).sum())
             loss_sum += loss.detach().double()
             if i < len(batches) - 1:
@@ -217,9 +254,12 @@ class Trainer:
         norm = self.engine.grad_norm()
         if norm is not None:
             bad |= ~torch.isfinite(norm.reshape(1))
+        # Host values enter as fills (a kernel argument), not copies: no transfer to wait for.
         stop = torch.full((1,), float(self.stop.requested), dtype=torch.float64, device=self.device)
-        flags = distributed.all_reduce(torch.cat([torch.where(bad, 0.0, loss_sum), bad.double(), stop]))
-        total, n_bad, n_stop, n_tokens = torch.cat([flags, count]).tolist()
+        real_tokens = torch.full((1,), float(real), dtype=torch.float64, device=self.device)
+        flags = distributed.all_reduce(
+            torch.cat([torch.where(bad, 0.0, loss_sum), bad.double(), stop, real_tokens]))
+        total, n_bad, n_stop, self.step_real_tokens, n_tokens = torch.cat([flags, count]).tolist()
         skip = n_bad > 0
         applied = self.engine.micro_step(boundary=True, skip=skip)
         return (float("nan") if skip else total / max(n_tokens, 1.0)), applied, n_stop > 0
@@ -283,7 +323,7 @@ class Trainer:
             lr = self.engine.lr
             loss, applied, stop = self.train_step(batches)
             self.step += 1
-            self.metrics.advance()
+            self.metrics.advance(self.step_real_tokens)
             if not self.count_step(applied):
                 return distributed.EXIT_NONFINITE
             if self.metrics.should_log(self.step, end, stop):

@@ -70,3 +70,11 @@ def test_skipped_step_leaves_parameters_and_moments_untouched():
     assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moments, [p for p in model.parameters() if p in opt.state]))
     opt.step()
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_adamw_is_foreach_on_the_cpu_and_fused_on_cuda():
+    opt = build_optimizer(tiny_model(), OPTIM)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    if torch.cuda.is_available():
+        cuda = build_optimizer(tiny_model().cuda(), OPTIM)
+        assert cuda.defaults["fused"] is True and not cuda.defaults["foreach"]

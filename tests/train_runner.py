@@ -57,8 +57,8 @@ def nan_injecting_trainer(step: int, rank: int) -> type:
     from pretrain.train import Trainer
 
     class NaNAtStep(Trainer):
-        def micro_batch_loss(self, batch):
-            loss = super().micro_batch_loss(batch)
+        def micro_batch_loss(self, batch, max_predictions=None):
+            loss = super().micro_batch_loss(batch, max_predictions)
             if self.step + 1 == step and rank in (-1, self.env.rank):
                 loss = loss * float("nan")
             return loss
