@@ -115,14 +115,16 @@ class TaskConfig:
                      if getattr(self, k) is not None]
             if files:
                 raise ValueError(f"task.dataset={self.dataset!r} and {', '.join(files)}: give the dataset (its "
-                                 "splits: task.train_split, task.validation_split, task.test_split) or the files")
+                                 "splits: task.train_split, task.validation_split, task.test_split) "
+                                 "or the files")
             splits = [s for s in (self.train_split, self.validation_split, self.test_split) if s is not None]
             if not all(splits):
                 raise ValueError("task.train_split, task.validation_split and task.test_split must be split "
                                  "names (or null, the last two)")
             if len(set(splits)) != len(splits):
                 raise ValueError(f"task.train_split={self.train_split!r}, task.validation_split="
-                                 f"{self.validation_split!r}, task.test_split={self.test_split!r} repeat a split")
+                                 f"{self.validation_split!r}, task.test_split={self.test_split!r} "
+                                 "repeat a split")
         elif self.dataset_config is not None:
             raise ValueError(f"task.dataset_config={self.dataset_config!r} needs task.dataset")
         if not self.label_delimiter:

@@ -533,5 +533,6 @@ def label_list(value: Any, delimiter: str, where: str) -> list[str]:
         return [str(value)]
     if not isinstance(value, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool)
                                               for x in value):
-        raise DataError(f"{where}: labels {value!r} are not a list of labels (nor a {delimiter!r}-separated text)")
+        raise DataError(f"{where}: labels {value!r} are not a list of labels "
+                        f"(nor a {delimiter!r}-separated text)")
     return list(dict.fromkeys(str(x).strip() for x in value if str(x).strip()))

@@ -1,7 +1,7 @@
 """Downstream evaluation metrics, one function per task kind, each returning plain floats (JSON-ready).
 
     classification_metrics(labels, preds, num_labels)  accuracy, f1 (binary of class 1, or macro), mcc
-    multilabel_metrics(labels, preds)                   subset accuracy, micro f1, macro f1 over 0/1 indicator rows
+    multilabel_metrics(labels, preds)                   subset accuracy, micro and macro f1 (0/1 indicator rows)
     regression_metrics(labels, preds)                   pearson, spearman, mse
     token_metrics(true_tags, pred_tags)                 entity f1/precision/recall (seqeval), token accuracy
     qa_metrics(predictions, references)                 SQuAD v1.1/v2.0 exact_match and f1, in percent

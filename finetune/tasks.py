@@ -154,6 +154,8 @@ def load_task_data(task: TaskConfig) -> TaskData:
     labels: list[str] | None = None
     if task.kind in ("sequence_classification", "multi_label_classification"):
         labels = list(task.labels) if task.labels is not None else names or data_io.label_set(splits["train"])
+        if not labels:
+            raise data_io.DataError(f"task {task.name}: no label in the train split (every label set is empty)")
         for name in ("train", "validation", "test"):
             if name in splits:
                 data_io.check_labels(splits[name], labels, f"task {task.name} {name} split")
@@ -297,7 +299,8 @@ class SequenceTask(Task):
         if self.cfg.kind == "sequence_regression":
             return M.regression_metrics(targets, logits[:, 0].tolist())
         if self.multi_label:  # sigmoid(logit) > 0.5, i.e. logit > 0
-            return M.multilabel_metrics([[int(x) for x in row] for row in targets], (logits > 0).astype(int).tolist())
+            truth = [[int(x) for x in row] for row in targets]
+            return M.multilabel_metrics(truth, (logits > 0).astype(int).tolist())
         return M.classification_metrics(targets, logits.argmax(-1).tolist(), self.num_labels)
 
 

@@ -68,7 +68,7 @@ class Finetuner:
         if self.metric not in METRICS[cfg.task.kind]:
             raise ValueError(f"task.metric={self.metric!r}: a {cfg.task.kind} task reports "
                              f"{', '.join(METRICS[cfg.task.kind])}")
-        self.data = load_task_data(cfg.task)  # the data first: a bad file or dataset is named before a model loads
+        self.data = load_task_data(cfg.task)  # first: a bad file or dataset is named before a model loads
         self.pretrained: Pretrained = load_pretrained(cfg.model, cfg.tokenizer, verify=cfg.verify)
         self.task: Task = make_task(cfg.task, self.data, self.pretrained.tokenizer)
         self.items = self.task.train_items()

@@ -2,8 +2,8 @@
 
 - multi_label_classification: labels as a JSON list or a delimited cell, the label set, the targets and the
   majority label set; the tiny checkpoint of tests/checkpoint_fixtures.py (shared with the other fine-tuning
-  tests) in its architecture overfits 32 examples; best/ in `pipeline("text-classification", top_k=None)` gives every
-  label name with our sigmoid scores.
+  tests) in its architecture overfits 32 examples; best/ in `pipeline("text-classification", top_k=None)`
+  gives every label name with our sigmoid scores.
 - task.dataset: a directory of data files gives what the same files give, a save_to_disk DatasetDict its
   ClassLabel names, a missing split or field is named (exit 2 through the CLI), a hub name offline is named
   (exit 2: the one subprocess here), token and QA tasks are refused.
@@ -55,7 +55,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def multi(tmp_path_factory) -> Path:
     """32 reviews with their label sets (JSON lists; some empty) as JSONL."""
     root = tmp_path_factory.mktemp("multi")
-    return write_jsonl(root / "multi.jsonl", [{"text": t, "labels": label_names_of(r, t)} for r, t in movie_rows()])
+    rows = [{"text": t, "labels": label_names_of(r, t)} for r, t in movie_rows()]
+    return write_jsonl(root / "multi.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,8 @@ def test_label_list_reads_json_lists_and_delimited_cells():
     assert label_list(' ["x", "y z"] ', ",", "w") == ["x", "y z"]
     assert label_list("sports, politics,,", ",", "w") == ["sports", "politics"]
     assert label_list("a|b", "|", "w") == ["a", "b"] and label_list("a|b", ",", "w") == ["a|b"]
-    assert label_list([], ",", "w") == [] and label_list("[]", ",", "w") == [] and label_list(3, ",", "w") == ["3"]
+    assert label_list([], ",", "w") == [] and label_list("[]", ",", "w") == []
+    assert label_list(3, ",", "w") == ["3"]
     with pytest.raises(DataError, match="f.csv: record 4: labels '\\[oops' start with"):
         label_list("[oops", ",", "f.csv: record 4")
     with pytest.raises(DataError, match="record 2: labels"):
@@ -119,8 +121,8 @@ def test_label_list_reads_json_lists_and_delimited_cells():
 def test_a_json_list_and_a_delimited_cell_give_the_same_label_sets(multi, tmp_path, tokenizer):
     rows = [json.loads(line) for line in multi.read_text().splitlines()]
     csv = tmp_path / "multi.csv"
-    csv.write_text("text,labels\n" + "".join('"{}","{}"\n'.format(r["text"].replace('"', '""'), "|".join(r["labels"]))
-                                             for r in rows if r["labels"]), encoding="utf-8")
+    cells = ['"{}","{}"\n'.format(r["text"].replace('"', '""'), "|".join(r["labels"])) for r in rows if r["labels"]]
+    csv.write_text("text,labels\n" + "".join(cells), encoding="utf-8")
     from_json = load_task_data(task_args("task=multi_label", f"task.train={multi}", f"task.validation={multi}",
                                          "task.label_field=labels").task)
     from_csv = load_task_data(task_args("task=multi_label", f"task.train={csv}", f"task.validation={csv}",
@@ -150,6 +152,10 @@ def test_a_multi_label_outside_the_training_labels_is_named(multi, tmp_path):
     with pytest.raises(DataError, match="validation split: record 1 has label 'sarcastic'"):
         load_task_data(task_args("task=multi_label", f"task.train={multi}", f"task.validation={odd}",
                                  "task.label_field=labels").task)
+    none = write_jsonl(tmp_path / "none.jsonl", [{"text": "fine", "labels": []}, {"text": "hm", "labels": []}])
+    with pytest.raises(DataError, match="no label in the train split"):
+        load_task_data(task_args("task=multi_label", f"task.train={none}", f"task.validation={none}",
+                                 "task.label_field=labels").task)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,7 +175,8 @@ def overfit(tmp_path_factory, jargon_corpus, jargon_tokenizer, multi) -> Path:
     ckpt = trained_runs(tmp_path_factory, jargon_corpus, jargon_tokenizer)["torch"]
     out = tmp_path_factory.mktemp("multi_overfit") / "out"
     cfg = compose_args("finetune", FinetuneConfig, [
-        f"model={ckpt}", f"output_dir={out}", "task=multi_label", f"task.train={multi}", f"task.validation={multi}",
+        f"model={ckpt}", f"output_dir={out}", "task=multi_label", f"task.train={multi}",
+        f"task.validation={multi}",
         "task.label_field=labels", *FAST, "optim.lr=2e-3", "optim.weight_decay=0", "train.epochs=30",
         "train.dropout=0", "optim.warmup_ratio=0.1", "train.device=cpu", "from_scratch=true"])
     Finetuner(cfg, distributed.detect({}), torch.device("cpu")).run()
@@ -231,7 +238,8 @@ def test_a_directory_of_jsonl_gives_what_the_same_files_give(tmp_path, multi):
     write_jsonl(d / "validation.jsonl", rows[30:])
     files = load_task_data(task_args("task=classification", f"task.train={d / 'train.jsonl'}",
                                      f"task.validation={d / 'validation.jsonl'}", "task.text_field=sentence").task)
-    dataset = load_task_data(task_args("task=classification", f"task.dataset={d}", "task.text_field=sentence").task)
+    dataset = load_task_data(task_args("task=classification", f"task.dataset={d}",
+                                       "task.text_field=sentence").task)
     assert dataset.splits == files.splits and dataset.labels == files.labels == ["neg", "pos"]
     assert dataset.counts[f"{d}:train"] == files.counts[str(d / "train.jsonl")]
     assert dataset.counts[f"{d}:train"]["empty_text"] == 1
@@ -240,7 +248,8 @@ def test_a_directory_of_jsonl_gives_what_the_same_files_give(tmp_path, multi):
     (m / "validation.jsonl").write_text(multi.read_text())
     multi_files = load_task_data(task_args("task=multi_label", f"task.train={multi}", f"task.validation={multi}",
                                            "task.label_field=labels").task)
-    multi_dataset = load_task_data(task_args("task=multi_label", f"task.dataset={m}", "task.label_field=labels").task)
+    multi_dataset = load_task_data(task_args("task=multi_label", f"task.dataset={m}",
+                                             "task.label_field=labels").task)
     assert multi_dataset.splits == multi_files.splits and multi_dataset.labels == multi_files.labels
 
 
@@ -286,7 +295,8 @@ def test_a_saved_dataset_dict_gives_its_class_label_names(saved):
     data = load_task_data(task_args("task=classification", f"task.dataset={saved}", "task.text_field=sentence",
                                     "task.test_split=test").task)
     assert data.labels == ["pos", "neg"]  # the ClassLabel's order, not sorted
-    assert data.splits["train"][:2] == [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}]
+    assert data.splits["train"][:2] == [{"text": "good film", "label": "pos"},
+                                        {"text": "bad film", "label": "neg"}]
     assert [r["label"] for r in data.splits["validation"]] == ["pos", "neg"]  # -1: no label, dropped
     assert data.counts[f"{saved}:validation"] == {"read": 3, "kept": 2, "empty_text": 0, "null_label": 1}
     assert data.splits["test"] == [{"text": "nice", "label": "pos"}]
@@ -297,8 +307,10 @@ def test_a_saved_dataset_dict_gives_its_class_label_names(saved):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["task.text_field=nope", "task.test_split=dev"], r"no split 'dev' \(the splits are \['test', 'train', 'validation'\]\)"),
-    (["task.text_field=text"], r"split 'train': no field 'text' \(the fields are \['sentence', 'label', 'topics'\]\)"),
+    (["task.text_field=nope", "task.test_split=dev"],
+     r"no split 'dev' \(the splits are \['test', 'train', 'validation'\]\)"),
+    (["task.text_field=text"],
+     r"split 'train': no field 'text' \(the fields are \['sentence', 'label', 'topics'\]\)"),
     (["task.text_field=sentence", "task.pair_field=sentence2"], "no field 'sentence2'"),
 ])
 def test_a_missing_split_or_field_is_named(saved, overrides, message):
@@ -332,7 +344,8 @@ def cli(monkeypatch, capsys):
 
 
 def test_a_missing_split_or_field_exits_2_through_the_cli(cli, saved, tmp_path):
-    for extra, message in [("task.validation_split=dev", "no split 'dev'"), ("task.label_field=stars", "no field 'stars'")]:
+    for extra, message in [("task.validation_split=dev", "no split 'dev'"),
+                           ("task.label_field=stars", "no field 'stars'")]:
         code, err = cli("task=classification", f"task.dataset={saved}", "task.text_field=sentence", extra,
                         f"model={tmp_path / 'never_read'}", f"output_dir={tmp_path / 'o'}")
         assert code == EXIT_BAD_INPUT and f"error: task.dataset='{saved}'" in err and message in err, err
