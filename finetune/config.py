@@ -16,13 +16,17 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-KINDS = ("sequence_classification", "sequence_regression", "token_classification", "extractive_qa")
-"""What a task is: a label per text (or text pair), a number per text, a tag per word, an answer span."""
+KINDS = ("sequence_classification", "multi_label_classification", "sequence_regression", "token_classification",
+         "extractive_qa")
+"""What a task is: a label per text (or text pair), a set of labels per text, a number per text, a tag per
+word, an answer span."""
+SEQUENCE_KINDS = ("sequence_classification", "multi_label_classification", "sequence_regression")
+"""The kinds of one input per text (or pair): the ones whose data may come from `task.dataset`."""
 FORMATS = ("json", "jsonl", "csv", "tsv", "conll", "squad")
 LABEL_TRANSFORMS = ("sign",)
 """`sign`: a number becomes "negative" (< 0) or "positive" (> 0); exactly 0 is dropped (counted)."""
-DEFAULT_METRIC = {"sequence_classification": "accuracy", "sequence_regression": "pearson",
-                  "token_classification": "f1", "extractive_qa": "f1"}
+DEFAULT_METRIC = {"sequence_classification": "accuracy", "multi_label_classification": "f1",
+                  "sequence_regression": "pearson", "token_classification": "f1", "extractive_qa": "f1"}
 """The metric that picks the best epoch and the best seed when the task names none."""
 
 
@@ -33,13 +37,29 @@ class TaskConfig:
     name: str = MISSING
     """The task's name (the output directory's default name)."""
     kind: str = MISSING
-    """sequence_classification, sequence_regression, token_classification or extractive_qa."""
-    train: str = MISSING
-    """The training file (.json/.jsonl/.csv/.tsv for sequence tasks, CoNLL for tokens, SQuAD JSON for QA)."""
+    """sequence_classification, multi_label_classification (a set of labels per text: one sigmoid each),
+    sequence_regression, token_classification or extractive_qa."""
+    train: Optional[str] = None
+    """The training file (.json/.jsonl/.csv/.tsv for sequence tasks, CoNLL for tokens, SQuAD JSON for QA);
+    null when the data comes from `dataset`. One of the two is needed."""
     validation: Optional[str] = None
     """The validation file; null: `validation_fraction` of train, split by a hash of the text."""
     test: Optional[str] = None
     """A test file, scored with each seed's best epoch; null: `test_fraction` of train (0: no test)."""
+    dataset: Optional[str] = None
+    """Sequence kinds: the data through HF `datasets`, instead of `train`/`validation`/`test` files: a hub name
+    (`datasets.load_dataset(dataset, dataset_config)`: the network or the hub cache), a local directory of
+    data files (`train.jsonl`, `validation.csv`, ...: a split per file name) or a `save_to_disk` directory
+    (`datasets.load_from_disk`). A ClassLabel label column gives the label names. Null: the files."""
+    dataset_config: Optional[str] = None
+    """The dataset's configuration (the second argument of `load_dataset`, e.g. `sst2` of `nyu-mll/glue`)."""
+    train_split: str = "train"
+    """The dataset's split to train on."""
+    validation_split: Optional[str] = "validation"
+    """The dataset's validation split; null: `validation_fraction` of the train split, by a hash of the text."""
+    test_split: Optional[str] = None
+    """The dataset's split scored with each seed's best epoch (its labels are needed); null: `test_fraction`
+    of the train split (0: no test)."""
     format: Optional[str] = None
     """json, jsonl, csv, tsv, conll or squad; null: from the file's suffix (.txt: tsv) and the kind."""
     column_names: Optional[List[str]] = None
@@ -49,13 +69,18 @@ class TaskConfig:
     pair_field: Optional[str] = None
     """The field holding the second text of a pair (`<s> a </s></s> b </s>`), or null."""
     label_field: str = "label"
-    """The field holding the label (or the number, for regression)."""
+    """The field holding the label (the number, for regression; the labels, for multi-label)."""
+    label_delimiter: str = ","
+    """Multi-label: what separates the labels of a text cell (`sports,politics`); a JSON list (a list field
+    of JSON/JSONL, or a cell `["sports", "politics"]`) is read as it is. `[]` is the empty set."""
     label_transform: Optional[str] = None
     """`sign`: a number's sign as the label (negative / positive; 0 dropped), or null."""
     labels: Optional[List[str]] = None
-    """The label set in id order; null: the sorted labels of train. Validation labels must be in it."""
+    """The label set in id order; null: a ClassLabel's names, or the sorted labels of train. Validation
+    (and test) labels must be in it."""
     metric: Optional[str] = None
-    """The metric that picks the best epoch and seed; null: accuracy, pearson, f1 (entities), f1 (SQuAD)."""
+    """The metric that picks the best epoch and seed; null: accuracy (classification), f1 (multi-label: micro
+    F1), pearson (regression), f1 (entities), f1 (SQuAD)."""
     validation_fraction: float = 0.1
     """Of train, for validation when `validation` is null."""
     test_fraction: float = 0.0
@@ -78,6 +103,35 @@ class TaskConfig:
             return
         if self.kind not in KINDS:
             raise ValueError(f"task.kind={self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.dataset is None and self.train is None:
+            raise ValueError("task.train (a file) or task.dataset (a hub name or a directory) is required")
+        if self.dataset is not None:
+            if self.kind not in SEQUENCE_KINDS:
+                raise ValueError(f"task.dataset={self.dataset!r}: HF datasets are read for the sequence kinds "
+                                 f"({', '.join(SEQUENCE_KINDS)}) only; a {self.kind} task reads its files "
+                                 f"(task.train, task.validation: " +
+                                 ("CoNLL" if self.kind == "token_classification" else "SQuAD JSON") + ")")
+            files = [f"task.{k}={getattr(self, k)!r}" for k in ("train", "validation", "test")
+                     if getattr(self, k) is not None]
+            if files:
+                raise ValueError(f"task.dataset={self.dataset!r} and {', '.join(files)}: give the dataset (its "
+                                 "splits: task.train_split, task.validation_split, task.test_split) "
+                                 "or the files")
+            splits = [s for s in (self.train_split, self.validation_split, self.test_split) if s is not None]
+            if not all(splits):
+                raise ValueError("task.train_split, task.validation_split and task.test_split must be split "
+                                 "names (or null, the last two)")
+            if len(set(splits)) != len(splits):
+                raise ValueError(f"task.train_split={self.train_split!r}, task.validation_split="
+                                 f"{self.validation_split!r}, task.test_split={self.test_split!r} "
+                                 "repeat a split")
+        elif self.dataset_config is not None:
+            raise ValueError(f"task.dataset_config={self.dataset_config!r} needs task.dataset")
+        if not self.label_delimiter:
+            raise ValueError("task.label_delimiter must not be empty")
+        if self.kind == "multi_label_classification" and self.label_transform is not None:
+            raise ValueError(f"task.label_transform={self.label_transform!r} is for single labels, not "
+                             "multi_label_classification")
         if self.format is not None and self.format not in FORMATS:
             raise ValueError(f"task.format={self.format!r} is not one of {', '.join(FORMATS)}")
         if self.label_transform is not None and self.label_transform not in LABEL_TRANSFORMS:
@@ -85,8 +139,9 @@ class TaskConfig:
         for key in ("validation_fraction", "test_fraction"):
             if not 0 <= getattr(self, key) < 1:
                 raise ValueError(f"task.{key}={getattr(self, key)} must be in [0, 1)")
-        if self.validation is None and self.validation_fraction == 0:
-            raise ValueError("task.validation is null and task.validation_fraction=0: no validation set")
+        if not self.has_validation and self.validation_fraction == 0:
+            given = "task.validation_split" if self.dataset is not None else "task.validation"
+            raise ValueError(f"{given} is null and task.validation_fraction=0: no validation set")
         if self.validation_fraction + self.test_fraction >= 1:
             raise ValueError("task.validation_fraction + task.test_fraction must be below 1")
         for key in ("max_length", "stride", "max_question_length", "n_best", "max_answer_length"):
@@ -96,6 +151,16 @@ class TaskConfig:
             raise ValueError(f"task.stride={self.stride} must be below task.max_length={self.max_length}")
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ValueError(f"task.labels={self.labels} repeats a label")
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether validation comes as its own file or split (else: `validation_fraction` of train)."""
+        return (self.validation_split if self.dataset is not None else self.validation) is not None
+
+    @property
+    def has_test(self) -> bool:
+        """Whether test comes as its own file or split (else: `test_fraction` of train, when above 0)."""
+        return (self.test_split if self.dataset is not None else self.test) is not None
 
     @property
     def selection_metric(self) -> str:

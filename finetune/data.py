@@ -4,6 +4,7 @@
                                         text_field="text", label_field="rating",
                                         column_names=["id", "rating", "text"])
     sentences, _ = read_conll("data/downstream/wikigold/wikigold.conll.txt")   # {"tokens", "tags"} in IOB2
+    splits, stats, names = read_dataset("nyu-mll/glue", "sst2", ["train", "validation"], "sentence", "label")
     questions, _ = read_squad("train-v1.1.json")       # {"id", "title", "context", "question", "answers"}
     splits = hash_split(records, key=lambda r: r["text"], fractions={"validation": 0.1, "test": 0.1})
 
@@ -12,6 +13,8 @@
   (GLUE's convention: texts may hold `"`). A record with an empty text (or pair) or a null label is dropped
   and counted in `ReadStats`, never a crash; a missing field, a missing file or one that does not parse is
   a `DataError` that names the file.
+- HF datasets (`read_dataset`): a hub name, a local directory of data files or a `save_to_disk` directory,
+  each split to the same records; a ClassLabel label column gives its names (its -1, "no label", is null).
 - CoNLL (token first, tag last, blank line between sentences) and SQuAD (v1.1 / v2.0, nested as published,
   or the flat layout of HF datasets' export) are read by hand; tags come out in IOB2, and every answer is
   checked to be at its `answer_start` in the context.
@@ -129,7 +132,7 @@ def _undo_nan_promotion(rows: list[dict], field: str) -> None:
             r[field] = int(r[field])
 
 
-def _text(value: Any, path: Path, index: int, field: str) -> str | None:
+def _text(value: Any, path: str, index: int, field: str) -> str | None:
     """The value of a text field as a str; None when it is null, empty or whitespace."""
     if value is None:
         return None
@@ -166,13 +169,20 @@ def read_sequence_file(
     fmt = _format_of(path, fmt)
     text_fields = [text_field] + ([pair_field] if pair_field else [])
     rows, columns = _load_rows(path, fmt, text_fields, label_field, column_names)
+    return _records(rows, columns, str(path), text_field, label_field, pair_field)
+
+
+def _records(rows: Sequence[dict], columns: Sequence[str], where: str, text_field: str, label_field: str | None,
+             pair_field: str | None) -> tuple[list[dict], ReadStats]:
+    """The records of `rows` (see read_sequence_file), dropping and counting empty texts and null labels."""
+    text_fields = [text_field] + ([pair_field] if pair_field else [])
     for field in text_fields + ([label_field] if label_field else []):
         if field not in columns:
-            raise DataError(f"{path}: no field {field!r} (the fields are {columns})")
+            raise DataError(f"{where}: no field {field!r} (the fields are {list(columns)})")
     stats = ReadStats(read=len(rows))
     records = []
     for i, row in enumerate(rows):
-        texts = [_text(row[f], path, i, f) for f in text_fields]
+        texts = [_text(row[f], where, i, f) for f in text_fields]
         if any(t is None for t in texts):
             stats.empty_text += 1
             continue
@@ -187,6 +197,121 @@ def read_sequence_file(
         records.append(record)
     stats.kept = len(records)
     return records, stats
+
+
+# --- HF datasets: a hub name, a directory of data files, a save_to_disk directory ------------------------
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is what `save_to_disk` writes: a DatasetDict (dataset_dict.json) or a Dataset."""
+    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()
+                                                       and (path / "dataset_info.json").is_file())
+
+
+def _label_names(feature: Any) -> list[str] | None:
+    """The names of a ClassLabel feature, or of a list of ClassLabels (multi-label); else None."""
+    import datasets
+
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    inner = getattr(feature, "feature", None)  # datasets.List / Sequence of ClassLabel
+    if isinstance(inner, datasets.ClassLabel):
+        return list(inner.names)
+    return None
+
+
+def _class_names(rows: list[dict], field: str, names: list[str], where: str) -> None:
+    """Replace the ClassLabel ids of `field` by their names, in place; -1 (no label, as in GLUE's test sets)
+    becomes null."""
+    for i, row in enumerate(rows):
+        value = row[field]
+        ids = value if isinstance(value, list) else [value]
+        for v in ids:
+            if v is not None and not -1 <= v < len(names):
+                raise DataError(f"{where}: record {i}: class id {v} of {field!r} is outside its "
+                                f"{len(names)} names")
+        if isinstance(value, list):
+            row[field] = [names[v] for v in value if v is not None and v >= 0]
+        else:
+            row[field] = None if value is None or value < 0 else names[value]
+
+
+def read_dataset(
+    name: str,
+    config: str | None,
+    splits: Sequence[str],
+    text_field: str,
+    label_field: str | None,
+    pair_field: str | None = None,
+) -> tuple[dict[str, list[dict]], dict[str, ReadStats], list[str] | None]:
+    """The records (as read_sequence_file's) of each of `splits` of an HF dataset, what reading each kept and
+    dropped, and the label names when the label column is a ClassLabel (or a list of them), else None.
+
+    `name`: a `save_to_disk` directory (`datasets.load_from_disk`; a lone Dataset is the split "train"), a
+    local directory of data files or a hub name (`datasets.load_dataset(name, config)`; a local directory is
+    read in a throw-away cache, a hub dataset in the user's HF cache). Nothing loads (no network under
+    HF_DATASETS_OFFLINE=1, an unknown name), a split the dataset lacks, or a field a split lacks: a
+    DataError naming the dataset and what is missing."""
+    import datasets  # heavy: imported on first use only
+
+    where = f"task.dataset={name!r}" + (f" (config {config!r})" if config else "")
+    path = Path(name)
+    bars_were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        with tempfile.TemporaryDirectory(prefix="finetune-dataset-") as cache_dir:
+            try:
+                if path.is_dir() and _is_saved_dataset(path):
+                    if config is not None:
+                        raise DataError(f"{where}: a save_to_disk directory has no configurations; "
+                                        "drop task.dataset_config")
+                    loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+                elif path.is_dir():
+                    loaded = datasets.load_dataset(str(path), config, cache_dir=cache_dir, keep_in_memory=True)
+                else:
+                    loaded = datasets.load_dataset(name, config)
+            except DataError:
+                raise
+            except Exception as e:  # datasets, the hub client, pyarrow: each its own types
+                hint = ""
+                if not path.exists():
+                    hint = (" (not a local directory; as a hub name it needs the network, or the HF cache "
+                            "under HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1)")
+                raise DataError(f"{where}: cannot be loaded{hint}: {type(e).__name__}: {e}") from e
+            if isinstance(loaded, datasets.Dataset):
+                loaded = datasets.DatasetDict({"train": loaded})
+            if not isinstance(loaded, datasets.DatasetDict):
+                raise DataError(f"{where}: loaded a {type(loaded).__name__}, not a dataset with splits")
+            out: dict[str, list[dict]] = {}
+            stats: dict[str, ReadStats] = {}
+            names: list[str] | None = None
+            for split in splits:
+                if split not in loaded:
+                    raise DataError(f"{where}: no split {split!r} (the splits are {sorted(loaded)}); set "
+                                    "task.train_split / task.validation_split / task.test_split, or null for a "
+                                    "hash split of train")
+            for split in splits:
+                ds = loaded[split]
+                split_where = f"{where} split {split!r}"
+                columns = list(ds.column_names)
+                for field in [text_field, pair_field, label_field]:
+                    if field is not None and field not in columns:
+                        raise DataError(f"{split_where}: no field {field!r} (the fields are {columns})")
+                split_names = None if label_field is None else _label_names(ds.features[label_field])
+                if split_names is not None:
+                    if names is not None and split_names != names:
+                        raise DataError(f"{split_where}: its ClassLabel names {split_names} differ from "
+                                        f"another split's {names}")
+                    names = split_names
+                rows = ds.to_list()
+                if split_names is not None:
+                    _class_names(rows, label_field, split_names, split_where)
+                out[split], stats[split] = _records(rows, columns, split_where, text_field, label_field,
+                                                    pair_field)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+    return out, stats, names
 
 
 # --- CoNLL ------------------------------------------------------------------------------------------------
@@ -368,17 +493,46 @@ def _label_order(label: str) -> tuple:
     return (0, number, label) if math.isfinite(number) else (1, 0.0, label)
 
 
+def _labels_of(record: dict) -> list[str]:
+    """A record's label as a list of strings: its labels (multi-label, a list) or its one label."""
+    label = record["label"]
+    return [str(x) for x in label] if isinstance(label, list) else [str(label)]
+
+
 def label_set(records: Sequence[dict]) -> list[str]:
-    """The sorted distinct labels (as strings) of records' "label" values (ints sort numerically: 0, 1, 2, 10;
-    numbers before other strings, which sort as strings)."""
-    return sorted({str(r["label"]) for r in records}, key=_label_order)
+    """The sorted distinct labels (as strings) of records' "label" values, or of their lists of labels
+    (multi-label); ints sort numerically: 0, 1, 2, 10; numbers before other strings, which sort as strings."""
+    return sorted({name for r in records for name in _labels_of(r)}, key=_label_order)
 
 
 def check_labels(records: Sequence[dict], labels: Sequence[str], where: str) -> None:
-    """DataError naming `where` and the first record index whose label (as a string) is not in `labels`,
-    and the set."""
+    """DataError naming `where` and the first record index with a label (as a string; any of a list's) not in
+    `labels`, and the set."""
     allowed = set(labels)
     for i, record in enumerate(records):
-        if str(record["label"]) not in allowed:
-            label = str(record["label"])
-            raise DataError(f"{where}: record {i} has label {label!r}, not one of {list(labels)}")
+        for label in _labels_of(record):
+            if label not in allowed:
+                raise DataError(f"{where}: record {i} has label {label!r}, not one of {list(labels)}")
+
+
+def label_list(value: Any, delimiter: str, where: str) -> list[str]:
+    """A multi-label example's labels, in their order, once each: a list (a JSON/JSONL list field, or a
+    ClassLabel list's names) as it is; a text that is a JSON list (`["a", "b"]`) as that list; any other text
+    split at `delimiter` (`a,b`), each label stripped, empty pieces skipped; a number as its one label. A
+    list holding something other than texts and integers is a DataError naming `where`."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise DataError(f"{where}: labels {value!r} start with '[' but are not a JSON list") from None
+        else:
+            return list(dict.fromkeys(p.strip() for p in text.split(delimiter) if p.strip()))
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [str(value)]
+    if not isinstance(value, list) or not all(isinstance(x, (str, int)) and not isinstance(x, bool)
+                                              for x in value):
+        raise DataError(f"{where}: labels {value!r} are not a list of labels "
+                        f"(nor a {delimiter!r}-separated text)")
+    return list(dict.fromkeys(str(x).strip() for x in value if str(x).strip()))

@@ -1,7 +1,7 @@
 """Downstream evaluation metrics, one function per task kind, each returning plain floats (JSON-ready).
 
     classification_metrics(labels, preds, num_labels)  accuracy, f1 (binary of class 1, or macro), mcc
-    multilabel_metrics(labels, preds)                   subset accuracy, micro f1 over 0/1 indicator rows
+    multilabel_metrics(labels, preds)                   subset accuracy, micro and macro f1 (0/1 indicator rows)
     regression_metrics(labels, preds)                   pearson, spearman, mse
     token_metrics(true_tags, pred_tags)                 entity f1/precision/recall (seqeval), token accuracy
     qa_metrics(predictions, references)                 SQuAD v1.1/v2.0 exact_match and f1, in percent
@@ -25,7 +25,7 @@ import sklearn.metrics
 
 METRICS: dict[str, tuple[str, ...]] = {
     "sequence_classification": ("accuracy", "f1", "mcc"),
-    "multi_label_classification": ("accuracy", "f1"),
+    "multi_label_classification": ("accuracy", "f1", "macro_f1"),
     "sequence_regression": ("pearson", "spearman", "mse"),
     "token_classification": ("f1", "precision", "recall", "accuracy"),
     "extractive_qa": ("exact_match", "f1"),
@@ -75,7 +75,9 @@ def classification_metrics(labels: Sequence[int], preds: Sequence[int], num_labe
 
 def multilabel_metrics(labels: Sequence[Sequence[int]], preds: Sequence[Sequence[int]]) -> dict[str, float]:
     """Multi-label classification over 0/1 indicator rows (one row per example, one column per label):
-    {"accuracy": subset accuracy (a row counts only if every label matches), "f1": micro F1}.
+    {"accuracy": subset accuracy (a row counts only if every label matches), "f1": micro F1 (over every
+    cell), "macro_f1": the mean of the labels' F1 (a label never true nor predicted counts 0, scikit-learn's
+    zero_division=0)}.
     """
     _check_same_length(labels, preds)
     y_true = np.asarray(labels, dtype=np.int64)
@@ -89,6 +91,7 @@ def multilabel_metrics(labels: Sequence[Sequence[int]], preds: Sequence[Sequence
     return {
         "accuracy": float(sklearn.metrics.accuracy_score(y_true, y_pred)),
         "f1": float(sklearn.metrics.f1_score(y_true, y_pred, average="micro", zero_division=0.0)),
+        "macro_f1": float(sklearn.metrics.f1_score(y_true, y_pred, average="macro", zero_division=0.0)),
     }
 
 

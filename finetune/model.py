@@ -90,9 +90,9 @@ def build_task_model(pre: Pretrained, kind: str, num_labels: int, dropout: float
     config = pre.config
     if dropout is not None:
         config = dataclasses.replace(config, hidden_dropout=dropout, attention_dropout=dropout)
-    problem_type = {"sequence_regression": "regression",
-                    "sequence_classification": "single_label_classification"}.get(kind)
-    model_kind = "sequence_classification" if kind == "sequence_regression" else kind
+    problem_type = {"sequence_regression": "regression", "sequence_classification": "single_label_classification",
+                    "multi_label_classification": "multi_label_classification"}.get(kind)
+    model_kind = "sequence_classification" if problem_type is not None else kind
     n = 1 if kind == "sequence_regression" else num_labels
     if from_scratch:
         model = hf.new_task_model(model_kind, config, n, problem_type)

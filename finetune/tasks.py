@@ -1,6 +1,6 @@
 """A task's data, from files to model inputs and from model outputs to metrics, one class per kind.
 
-    data = load_task_data(task_cfg)                         # read, transform labels, split, check labels
+    data = load_task_data(task_cfg)                         # read (files or HF datasets), labels, split, check
     task = make_task(task_cfg, data, tokenizer)             # SequenceTask, TokenTask or QATask
     items = task.train_items()                              # encoded training rows with their targets
     batch = task.collate(items[:32])                        # tensors: the model's forward keywords
@@ -8,12 +8,15 @@
 
 The kinds (finetune/config.py KINDS):
   sequence_classification  `<s> a </s>` or `<s> a </s></s> b </s>` -> a label; accuracy, F1, MCC
+  multi_label_classification  the same inputs -> a set of labels (a sigmoid each); subset accuracy, micro and
+                           macro F1
   sequence_regression      the same inputs -> a number; Pearson, Spearman, MSE
   token_classification     words -> a tag on each word's first sub-token; entity F1 (seqeval), accuracy
   extractive_qa            question + context windows -> an answer span; SQuAD exact match and F1
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from torch import nn
 from core.tokenizer import special_ids
 from finetune import data as data_io
 from finetune import metrics as M
-from finetune.config import TaskConfig
+from finetune.config import SEQUENCE_KINDS, TaskConfig
 from finetune.encode import Encoded, collate, encode_sequences, encode_words, word_predictions
 from finetune.qa import QAFeature, qa_features, qa_predictions
 
@@ -38,8 +41,9 @@ SPLITS = ("train", "validation", "test")
 
 @dataclass
 class TaskData:
-    """The examples of each split (plain records, finetune/data.py), the label names in id order (None for
-    regression and QA) and what reading each file kept and dropped (by file)."""
+    """The examples of each split (plain records, finetune/data.py; a multi-label record's "label" is a list),
+    the label names in id order (None for regression and QA) and what reading each file (or dataset split)
+    kept and dropped (by file, or `<dataset>:<split>`)."""
 
     splits: dict[str, list[dict]]
     labels: list[str] | None
@@ -67,19 +71,40 @@ def _read(task: TaskConfig, path: str) -> tuple[list[dict], dict[str, int]]:
                                                     fmt=None if fmt == "auto" else fmt,
                                                     column_names=task.column_names)
     counts = stats.as_dict()
-    if task.kind in ("sequence_classification", "sequence_regression"):
+    if task.kind in SEQUENCE_KINDS:
         records, dropped = _transform_labels(task, records, path)
         if dropped:
             counts["zero_rating"] = dropped
     return records, counts
 
 
+def _read_dataset(task: TaskConfig) -> tuple[dict[str, list[dict]], dict[str, Any], list[str] | None]:
+    """The splits `task.{train,validation,test}_split` of `task.dataset` (those not null) under their roles
+    train / validation / test, the counts by `<dataset>:<split>`, and a ClassLabel's names (or None)."""
+    assert task.dataset is not None
+    wanted = {role: split for role, split in (("train", task.train_split), ("validation", task.validation_split),
+                                              ("test", task.test_split)) if split is not None}
+    records, stats, names = data_io.read_dataset(task.dataset, task.dataset_config, list(wanted.values()),
+                                                 task.text_field, task.label_field, task.pair_field)
+    splits, counts = {}, {}
+    for role, split in wanted.items():
+        where = f"{task.dataset}:{split}"
+        splits[role], dropped = _transform_labels(task, records[split], where)
+        counts[where] = stats[split].as_dict()
+        if dropped:
+            counts[where]["zero_rating"] = dropped
+    return splits, counts, names
+
+
 def _transform_labels(task: TaskConfig, records: list[dict], path: str) -> tuple[list[dict], int]:
-    """Regression: labels as floats. `label_transform=sign`: a number's sign as negative / positive."""
+    """Regression: labels as floats. `label_transform=sign`: a number's sign as negative / positive.
+    Multi-label: each label a list of names (a JSON list, or a `task.label_delimiter`-separated text)."""
     out, dropped = [], 0
     for i, r in enumerate(records):
         label = r["label"]
-        if task.kind == "sequence_regression" or task.label_transform == "sign":
+        if task.kind == "multi_label_classification":
+            out.append({**r, "label": data_io.label_list(label, task.label_delimiter, f"{path}: record {i}")})
+        elif task.kind == "sequence_regression" or task.label_transform == "sign":
             try:
                 value = float(label)
             except (TypeError, ValueError):
@@ -107,25 +132,30 @@ def _split_text(record: dict) -> str:
 
 
 def load_task_data(task: TaskConfig) -> TaskData:
-    """Every split of the task: the named files, or deterministic hash splits of train; labels checked."""
-    train, train_counts = _read(task, task.train)
-    counts: dict[str, Any] = {task.train: train_counts}
-    fractions = {k: f for k, f in (("validation", task.validation_fraction), ("test", task.test_fraction))
-                 if getattr(task, k) is None and f > 0}
-    if fractions:
-        splits = data_io.hash_split(train, _split_text, fractions)
+    """Every split of the task: the named files (or the dataset's splits), else deterministic hash splits of
+    train; labels checked."""
+    names: list[str] | None = None
+    if task.dataset is not None:
+        given, counts, names = _read_dataset(task)
     else:
-        splits = {"train": train}
-    for name in ("validation", "test"):
-        path = getattr(task, name)
-        if path is not None:
-            splits[name], counts[path] = _read(task, path)
+        given, counts = {}, {}
+        for role in SPLITS:
+            path = getattr(task, role)
+            if path is not None:
+                given[role], counts[path] = _read(task, path)
+    train = given.pop("train")
+    fractions = {k: f for k, f in (("validation", task.validation_fraction), ("test", task.test_fraction))
+                 if k not in given and f > 0}
+    splits = data_io.hash_split(train, _split_text, fractions) if fractions else {"train": train}
+    splits.update(given)
     for name in SPLITS:
         if name in splits and not splits[name]:
             raise data_io.DataError(f"task {task.name}: the {name} split is empty")
     labels: list[str] | None = None
-    if task.kind == "sequence_classification":
-        labels = list(task.labels) if task.labels is not None else data_io.label_set(splits["train"])
+    if task.kind in ("sequence_classification", "multi_label_classification"):
+        labels = list(task.labels) if task.labels is not None else names or data_io.label_set(splits["train"])
+        if not labels:
+            raise data_io.DataError(f"task {task.name}: no label in the train split (every label set is empty)")
         for name in ("train", "validation", "test"):
             if name in splits:
                 data_io.check_labels(splits[name], labels, f"task {task.name} {name} split")
@@ -188,6 +218,10 @@ class Task:
                  autocast: Callable[[], Any]) -> dict[str, float]:
         raise NotImplementedError
 
+    def baselines(self, split: str) -> dict[str, float]:
+        """What a trivial answer scores on `split` (e.g. the majority class), by name; {} for none."""
+        return {}
+
     def _forward_all(self, model: nn.Module, rows: Sequence[list[int]], device: torch.device, batch_size: int,
                      autocast: Callable[[], Any]) -> Iterator[tuple[Any, torch.Tensor]]:
         """(the model's output, attention mask) for `rows` in batches, in order, without gradients."""
@@ -202,7 +236,12 @@ class Task:
 
 
 class SequenceTask(Task):
-    """A label (or a number) per text or text pair, from the `<s>` token (HF's classification head)."""
+    """A label (or a number, or a set of labels) per text or text pair, from the `<s>` token (HF's
+    classification head; multi-label: a sigmoid per label, a label predicted when its logit is above 0)."""
+
+    @property
+    def multi_label(self) -> bool:
+        return self.cfg.kind == "multi_label_classification"
 
     def _encode(self, split: str) -> list[list[int]]:
         records = self.data.splits[split]
@@ -215,21 +254,38 @@ class SequenceTask(Task):
         return rows
 
     def _targets(self, split: str) -> list[Any]:
+        """A number (regression), a label id, or a 0/1 float per label (multi-label) for each record."""
         records = self.data.splits[split]
         if self.cfg.kind == "sequence_regression":
             return [float(r["label"]) for r in records]
         index = {name: i for i, name in enumerate(self.data.labels or [])}
+        if self.multi_label:
+            rows = []
+            for r in records:
+                row = [0.0] * self.num_labels
+                for name in r["label"]:
+                    row[index[name]] = 1.0
+                rows.append(row)
+            return rows
         return [index[str(r["label"])] for r in records]
 
     def train_items(self) -> list[Item]:
         return [Item(ids, t) for ids, t in zip(self.encoded("train"), self._targets("train"))]
 
-    def majority_baseline(self, split: str) -> float | None:
-        """Accuracy of always answering the most frequent training label (classification only)."""
-        if self.cfg.kind != "sequence_classification":
-            return None
+    def baselines(self, split: str) -> dict[str, float]:
+        """Classification: the accuracy of always answering the most frequent training label. Multi-label: the
+        subset accuracy and micro F1 of always answering the most frequent training label set (the first
+        seen of equals). Regression: none."""
+        if self.cfg.kind == "sequence_regression":
+            return {}
+        if self.multi_label:
+            sets = collections.Counter(tuple(row) for row in self._targets("train"))
+            top = [int(x) for x in sets.most_common(1)[0][0]]
+            truth = [[int(x) for x in row] for row in self._targets(split)]
+            scores = M.multilabel_metrics(truth, [top] * len(truth))
+            return {"majority_accuracy": scores["accuracy"], "majority_f1": scores["f1"]}
         train = np.bincount(self._targets("train"), minlength=self.num_labels)
-        return float(np.mean(np.asarray(self._targets(split)) == int(train.argmax())))
+        return {"majority_accuracy": float(np.mean(np.asarray(self._targets(split)) == int(train.argmax())))}
 
     def predictions(self, model: nn.Module, split: str, device: torch.device, batch_size: int,
                     autocast: Callable[[], Any]) -> np.ndarray:
@@ -242,6 +298,9 @@ class SequenceTask(Task):
         targets = self._targets(split)
         if self.cfg.kind == "sequence_regression":
             return M.regression_metrics(targets, logits[:, 0].tolist())
+        if self.multi_label:  # sigmoid(logit) > 0.5, i.e. logit > 0
+            truth = [[int(x) for x in row] for row in targets]
+            return M.multilabel_metrics(truth, (logits > 0).astype(int).tolist())
         return M.classification_metrics(targets, logits.argmax(-1).tolist(), self.num_labels)
 
 
@@ -262,7 +321,7 @@ class TokenTask(Task):
     def train_items(self) -> list[Item]:
         return [Item(e.input_ids, e.labels) for e in self.encoded("train")]
 
-    def majority_baseline(self, split: str) -> float:
+    def baselines(self, split: str) -> dict[str, float]:
         """Token accuracy of tagging every word with the most frequent training tag (O, in NER)."""
         counts: dict[str, int] = {}
         for r in self.data.splits["train"]:
@@ -270,7 +329,7 @@ class TokenTask(Task):
                 counts[t] = counts.get(t, 0) + 1
         top = max(counts, key=lambda t: counts[t])
         tags = [t for r in self.data.splits[split] for t in r["tags"]]
-        return sum(t == top for t in tags) / len(tags)
+        return {"majority_accuracy": sum(t == top for t in tags) / len(tags)}
 
     def evaluate(self, model, split, device, batch_size, autocast) -> dict[str, float]:
         encoded = self.encoded(split)
@@ -327,7 +386,8 @@ class QATask(Task):
 
 
 def make_task(cfg: TaskConfig, data: TaskData, tokenizer: Tokenizer) -> Task:
-    cls = {"sequence_classification": SequenceTask, "sequence_regression": SequenceTask,
+    cls = {"sequence_classification": SequenceTask, "multi_label_classification": SequenceTask,
+           "sequence_regression": SequenceTask,
            "token_classification": TokenTask, "extractive_qa": QATask}[cfg.kind]
     return cls(cfg, data, tokenizer)
 

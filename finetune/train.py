@@ -41,6 +41,7 @@ from core.hf import HFCheckpointError
 from core.tokenizer import TokenizerError
 from finetune.config import FinetuneConfig
 from finetune.data import DataError
+from finetune.metrics import METRICS
 from finetune.model import Pretrained, build_task_model, load_pretrained, save_best
 from finetune.tasks import Task, is_better, load_task_data, make_task, summarize
 from pretrain import distributed
@@ -63,13 +64,16 @@ class Finetuner:
 
     def __init__(self, cfg: FinetuneConfig, env: distributed.DistEnv, device: torch.device):
         self.cfg, self.env, self.device = cfg, env, device
+        self.metric = cfg.task.selection_metric
+        if self.metric not in METRICS[cfg.task.kind]:
+            raise ValueError(f"task.metric={self.metric!r}: a {cfg.task.kind} task reports "
+                             f"{', '.join(METRICS[cfg.task.kind])}")
+        self.data = load_task_data(cfg.task)  # first: a bad file or dataset is named before a model loads
         self.pretrained: Pretrained = load_pretrained(cfg.model, cfg.tokenizer, verify=cfg.verify)
-        self.data = load_task_data(cfg.task)
         self.task: Task = make_task(cfg.task, self.data, self.pretrained.tokenizer)
         self.items = self.task.train_items()
         deepspeed_bf16 = cfg.train.backend == "deepspeed" and cfg.train.precision == "bf16"
         self.autocast = _autocast(device, "fp32" if deepspeed_bf16 else cfg.train.precision)
-        self.metric = cfg.task.selection_metric
         world = env.world_size
         if cfg.train.batch_size % world:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} is not a multiple of the {world} ranks")
@@ -117,10 +121,8 @@ class Finetuner:
         return results
 
     def baselines(self) -> dict[str, float]:
-        """The validation accuracy of always answering the most frequent training label (or tag)."""
-        majority = getattr(self.task, "majority_baseline", None)
-        value = None if majority is None else majority("validation")
-        return {} if value is None else {"majority_accuracy": value}
+        """What always answering the most frequent training label (tag, label set) scores on validation."""
+        return self.task.baselines("validation")
 
     def summary(self, runs: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         summary = {}

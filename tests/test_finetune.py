@@ -70,7 +70,7 @@ def results(out: Path) -> dict:
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "commands" / "task").glob("*.yaml")))
 def test_every_shipped_task_composes_and_validates(name):
     extra = ["task.train=x.json", "task.validation=y.json"] if name in ("squad",) else \
-        ["task.train=x.json"] if name in ("classification", "regression", "ner", "qa") else []
+        ["task.train=x.json"] if name in ("classification", "regression", "multi_label", "ner", "qa") else []
     args = compose_args("finetune", FinetuneConfig, [f"task={name}", "model=m", *extra])
     assert args.task.name == name and args.optim.betas == [0.9, 0.98] and args.optim.eps == 1e-6
     assert args.optim.weight_decay == 0.1 and args.optim.warmup_ratio == 0.06 and args.train.epochs == 10

@@ -70,16 +70,23 @@ def test_classification_rejects_bad_input():
 
 # ---------------------------------------------------------------- multi-label
 
-def test_multilabel_subset_accuracy_and_micro_f1():
+def test_multilabel_subset_accuracy_micro_and_macro_f1():
     labels = [[1, 0, 1], [0, 1, 0], [1, 1, 0]]
     preds = [[1, 0, 1], [0, 1, 1], [1, 0, 0]]
-    # only row 0 matches exactly -> subset accuracy 1/3; over all cells TP=4 FP=1 FN=1 -> micro F1 8/10
+    # only row 0 matches exactly -> subset accuracy 1/3; over all cells TP=4 FP=1 FN=1 -> micro F1 8/10;
+    # per label: col 0 TP=2 -> F1 1, col 1 TP=1 FN=1 -> 2/3, col 2 TP=1 FP=1 -> 2/3 -> macro F1 7/9
     result = multilabel_metrics(labels, preds)
-    assert result == pytest.approx({"accuracy": 1 / 3, "f1": 0.8})
+    assert result == pytest.approx({"accuracy": 1 / 3, "f1": 0.8, "macro_f1": 7 / 9})
     assert result == pytest.approx({
         "accuracy": sklearn.metrics.accuracy_score(labels, preds),
         "f1": sklearn.metrics.f1_score(labels, preds, average="micro"),
+        "macro_f1": sklearn.metrics.f1_score(labels, preds, average="macro"),
     })
+    # a label never true nor predicted scores 0 in the macro mean (zero_division=0), not a warning or NaN
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse = multilabel_metrics([[1, 0], [1, 0]], [[1, 0], [0, 0]])
+    assert sparse == pytest.approx({"accuracy": 0.5, "f1": 2 / 3, "macro_f1": 1 / 3})
     assert tuple(result) == METRICS["multi_label_classification"] and _plain_floats(result)
     with pytest.raises(ValueError, match="0 and 1"):
         multilabel_metrics([[0, 2]], [[0, 1]])
@@ -213,7 +220,7 @@ def test_qa_missing_prediction_names_the_id():
 def test_metric_tables():
     assert METRICS == {
         "sequence_classification": ("accuracy", "f1", "mcc"),
-        "multi_label_classification": ("accuracy", "f1"),
+        "multi_label_classification": ("accuracy", "f1", "macro_f1"),
         "sequence_regression": ("pearson", "spearman", "mse"),
         "token_classification": ("f1", "precision", "recall", "accuracy"),
         "extractive_qa": ("exact_match", "f1"),

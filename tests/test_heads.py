@@ -326,6 +326,13 @@ def test_task_config_json_has_labels_for_pipelines(tmp_path):
     assert task.kind == SEQ and task.id2label == names and task.label2id == {v: k for k, v in names.items()}
     assert cfg == tiny_config()
 
+    topics = {0: "sports", 1: "politics", 2: "science", 3: "art"}
+    save_hf_task(our_model("multi_label"), tmp_path / "multi", id2label=topics)
+    config = json.loads((tmp_path / "multi" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification" and config["num_labels"] == 4
+    assert config["id2label"] == {str(i): n for i, n in topics.items()}
+    assert read_hf_config(tmp_path / "multi")[1].problem_type == "multi_label_classification"
+
     save_hf_task(our_model("regression"), tmp_path / "reg")
     config = json.loads((tmp_path / "reg" / "config.json").read_text())
     assert config["problem_type"] == "regression" and config["id2label"] == {"0": "LABEL_0"}
