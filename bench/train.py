@@ -54,27 +54,30 @@ def sync(device: torch.device) -> None:
 
 
 def full_step(trainer) -> Callable[[], None]:
-    """The trainer's own step, loader included."""
+    """The trainer's own step, loader included, loading the next step on a thread as its loop does
+    (`pretrain.train.StepAhead`: here the load also overlaps the bare step timed in between)."""
+    from pretrain.train import StepAhead
+
     it = iter(trainer.loader)
+    trainer.ahead = StepAhead(trainer.loader, lambda stop: trainer._next_batches(it, stop))
     trainer.engine.train(True)
-    return lambda: trainer.train_step(trainer._next_batches(it))
+    return lambda: trainer.train_step(trainer.ahead.take(load_next=True))
 
 
 def bare_step(trainer, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     """Forward/backward (x grad_accum) + AdamW on one fixed host batch already copied to the device, plain
-    PyTorch, a model of its own, with the full step's settings: precision (bf16 by autocast), compile
-    (each layer, as the trainer does), activation checkpointing, the optimizer `build_optimizer` makes
+    PyTorch, a model of its own, with the full step's settings: precision (bf16 by autocast), float8
+    layers, compile (each layer, as the trainer does), activation checkpointing, the optimizer `build_optimizer` makes
     (fused on CUDA), the static bound of predictions and no attention mask when there is no padding."""
     from core.model import RobertaForMaskedLM
+    from pretrain import speed
     from pretrain.optim import build_optimizer
 
     run, device = trainer.run, trainer.device
     torch.manual_seed(0)
-    model = RobertaForMaskedLM(run.model).to(device)
-    model.activation_checkpointing = run.system.activation_checkpointing
-    if run.system.compile:
-        for layer in model.encoder.layers:
-            layer.compile()
+    s = run.system
+    model = speed.apply(RobertaForMaskedLM(run.model), s.fp8, s.activation_checkpointing, s.compile,
+                        s.compile_backend).to(device)
     opt = build_optimizer(model, run.optim)
     bound = trainer.max_predictions([batch])
     on_device = trainer._to_device(batch)
@@ -133,6 +136,7 @@ def main(argv: list[str]) -> None:
         batch = trainer._next_batches(iter(trainer.loader))[0]  # a host batch, prepared as the full step's
         timed = time_interleaved({"full": full_step(trainer), "bare": bare_step(trainer, batch)},
                                  opts["steps"], opts["warmup"], device)
+        trainer.ahead.close()
 
     tokens = run.schedule.global_batch_size * run.data.seq_len / env.world_size
     dtype = torch.bfloat16 if run.system.precision == "bf16" else torch.float32

@@ -25,11 +25,13 @@ from core.cli import unknown_keys
 from core.model import RobertaConfig
 from core.tokenizer import check_built_with
 from pretrain.masking import MaskingConfig
+from pretrain.speed import FP8_PACKAGE, fp8_available
 
 BACKENDS = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 PACKINGS = ("full_sentences", "doc_sentences")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 class ConfigError(ValueError):
@@ -98,9 +100,17 @@ class SystemConfig:
     """Micro-batches per optimizer step on one rank; null = derived from the global batch for each world
     size (what a resume on another number of ranks needs)."""
     compile: bool = False
-    """`torch.compile` each transformer layer."""
+    """`torch.compile` each transformer layer (dropout, residual, LayerNorm and GELU fused into its kernels);
+    works with activation checkpointing and every DeepSpeed stage."""
+    compile_backend: str = "inductor"
+    """The `torch.compile` backend: `inductor` (generated kernels: the speed) or `aot_eager` (traces forward
+    and backward but runs eager kernels: no code generation, for checking a graph quickly)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass."""
+    fp8: bool = False
+    """Train the encoder's Linear layers in float8 (torchao's float8 training, `pip install '.[fp8]'`;
+    pretrain/speed.py). Fast on GPUs with FP8 tensor cores (H100, H200); runs on a CPU, emulated and slow,
+    for tests. Checkpoints are the same files with or without it."""
     num_workers: int = MISSING
     """Data-loader worker processes per rank (0 = load in the training process)."""
     pin_memory: bool = False
@@ -295,6 +305,9 @@ def to_run_config(cfg: DictConfig, world_size: int, check_corpus: bool = True) -
     _choice("system.precision", run.system.precision, PRECISIONS)
     _choice("system.device", run.system.device, DEVICES)
     _choice("data.packing", run.data.packing, PACKINGS)
+    _choice("system.compile_backend", run.system.compile_backend, COMPILE_BACKENDS)
+    if run.system.fp8 and not fp8_available():
+        raise ConfigError(f"system.fp8=true needs {FP8_PACKAGE}, which is not installed: pip install '.[fp8]'")
     _choice("deepspeed.zero_stage", run.deepspeed.zero_stage, (0, 1, 2, 3))
     if run.deepspeed.offload_param and run.deepspeed.zero_stage != 3:
         raise ConfigError(

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 8 -m pretrain.train experiment=roberta_large data.corpus=/data/corpus
     srun python -m pretrain.train experiment=roberta_large ...                  # see launch/
 
-One optimizer step on each rank: take `grad_accum` micro-batches, all-reduce their masked-token count,
+One optimizer step on each rank: take `grad_accum` micro-batches (loaded one step ahead on a thread,
+see StepAhead), all-reduce their masked-token count,
 then forward/backward each with its summed loss scaled by 1/(global count) (see pretrain.engine), and
 step. The step's loss and flags (non-finite loss on some rank, a stop signal on some rank) travel in
 one all-reduce before the optimizer step, so every rank takes the same decision:
@@ -24,13 +25,15 @@ Outputs in the run directory (`trainer.output_dir`, default Hydra's `outputs/<na
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
 import random
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -43,7 +46,7 @@ from core.model import IGNORE_INDEX, RobertaForMaskedLM
 from core.tokenizer import tokenizer_hash
 from data_prep.corpus import Corpus
 from data_prep.shards import CorpusError
-from pretrain import distributed
+from pretrain import distributed, speed
 from pretrain.config import CONF_DIR, ConfigError, PretrainConfig, resolved_yaml, to_run_config
 from pretrain.data import TrainLoader, ValidLoader, check_corpus, word_starts
 from pretrain.engine import Engine, build_engine
@@ -79,6 +82,70 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class StepAhead:
+    """This rank's micro-batches, one optimizer step ahead: while step k computes, a background thread takes
+    step k+1's micro-batches from the loader (pulling them from the workers' queues, pinning them, dropping
+    an all-ones mask), so the first forward of a step does not wait for the last micro-batch of it to load.
+
+    `take()` returns a step's host micro-batches with the loader's state right after them: the position a
+    checkpoint of that step records (`state_dict`), whatever the thread has taken since. The first step
+    loads on the calling thread (the DataLoader starts its workers and signal handlers there). Loading
+    draws from no global RNG (the masks are keyed by position), so the batches, and the run, are the same
+    as loading in turn. `close()` asks the thread to stop between micro-batches and waits for it.
+    """
+
+    def __init__(self, loader: TrainLoader, load: Callable[[Callable[[], bool]], list[dict[str, torch.Tensor]]]):
+        self.loader, self._load = loader, load
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._next: concurrent.futures.Future | None = None
+        self._closing = threading.Event()
+        self._position: dict[str, Any] | None = None
+
+    def _load_step(self) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+        batches = self._load(self._closing.is_set)
+        return batches, self.loader.state_dict()
+
+    def take(self, load_next: bool) -> list[dict[str, torch.Tensor]]:
+        """The next step's micro-batches; with `load_next`, start loading the step after it."""
+        if self._next is None:
+            batches, self._position = self._load_step()
+        else:
+            batches, self._position = self._next.result()
+            self._next = None
+        if load_next:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-ahead")
+            self._next = self._pool.submit(self._load_step)
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's state after the last step taken (what resumes after it)."""
+        return self._position if self._position is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._next is not None:
+            raise RuntimeError("StepAhead.load_state_dict while a step is loading ahead")
+        self.loader.load_state_dict(state)
+        self._position = None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next sample after the last step taken."""
+        return int(self.state_dict()["epoch"])
+
+    def close(self) -> None:
+        """Stop loading ahead (the step being loaded is dropped) and end the thread; `take` may go on."""
+        self._closing.set()
+        if self._next is not None:
+            with contextlib.suppress(Exception):  # a load cut short, or failed: nothing of it is used
+                self._next.result()
+            self._next = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._closing.clear()
+
+
 class Trainer:
     """Builds everything from the run config, then `fit()` runs the loop and returns the exit code."""
 
@@ -91,16 +158,15 @@ class Trainer:
 
         # Same init on every rank (DeepSpeed also broadcasts rank 0's), then per-rank dropout streams.
         seed_everything(t.seed)
-        model = RobertaForMaskedLM(run.model)
-        model.activation_checkpointing = run.system.activation_checkpointing
-        if run.system.compile:
-            for layer in model.encoder.layers:
-                layer.compile()
+        model = speed.apply(RobertaForMaskedLM(run.model), run.system.fp8, run.system.activation_checkpointing,
+                            run.system.compile, run.system.compile_backend)
         model.to(device)
         seed_everything(t.seed + distributed.SEED_STRIDE * (env.rank + 1))
 
         tok_hash = tokenizer_hash(run.data.tokenizer)  # required: to_run_config refuses a run without it
         self.loader, self.valid = open_data(run, env, tok_hash)
+        self.ahead = StepAhead(self.loader, lambda stop: self._next_batches(self._it, stop))
+        self._it: Iterator[dict[str, torch.Tensor]] | None = None  # the loader's live iterator, in the loop
 
         optimizer = build_optimizer(model, run.optim)
         scheduler = build_scheduler(optimizer, run.optim.lr, run.schedule)
@@ -120,7 +186,7 @@ class Trainer:
         self.metrics: StepMetrics  # set by fit()
         self.checkpoints = checkpoint.CheckpointManager(
             self.ckpt_root, env.rank, run.trainer.keep_last, self.engine, trainer=self,
-            per_rank={"loader": self.loader}, run_config=lambda: resolved_yaml(cfg),
+            per_rank={"loader": self.ahead}, run_config=lambda: resolved_yaml(cfg),
             estimate_bytes=CHECKPOINT_BYTES_PER_PARAM * sum(p.numel() for p in model.parameters()),
             seed=t.seed)
 
@@ -189,14 +255,17 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------
     # the step
 
-    def _next_batches(self, it: Iterator[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    def _next_batches(self, it: Iterator[dict[str, torch.Tensor]],
+                      stop: Callable[[], bool] = lambda: False) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next step, still on the host (pinned when the loader pins:
         `train_step` copies each to the device just before its forward). An all-ones attention mask is
         dropped here, on the host copy, so the model needs no device-side check (a host sync) to use the
         fused attention kernels. Loading draws nothing from torch's global RNG: the dropout stream of a
-        resumed run is the uninterrupted run's."""
-        batches = []
+        resumed run is the uninterrupted run's. Runs on StepAhead's thread, which `stop` ends early."""
+        batches: list[dict[str, torch.Tensor]] = []
         for _ in range(self.grad_accum):
+            if stop():  # StepAhead.close(): the run ends, the rest of this step is not needed
+                return batches
             batch = dict(next(it))
             if bool(batch["attention_mask"].all()):
                 del batch["attention_mask"]
@@ -313,13 +382,19 @@ class Trainer:
             self.metrics.close()
 
     def _loop(self, end: int) -> int:
+        self._it = iter(self.loader)
+        try:
+            return self._steps(end)
+        finally:
+            self.ahead.close()
+
+    def _steps(self, end: int) -> int:
         """The paper's loop: step, count a non-finite step, log, validate, stop on a signal, save."""
-        it = iter(self.loader)
         self.engine.train(True)
         last_saved = self.step if self.checkpoints.has(self.step) else -1
         while self.step < end:
             with self.metrics.waiting():
-                batches = self._next_batches(it)
+                batches = self.ahead.take(load_next=self.step + 1 < end)
             lr = self.engine.lr
             loss, applied, stop = self.train_step(batches)
             self.step += 1
@@ -328,7 +403,7 @@ class Trainer:
                 return distributed.EXIT_NONFINITE
             if self.metrics.should_log(self.step, end, stop):
                 self.metrics.log(self.step, loss=loss, lr=lr, skipped_steps=self.skipped_steps,
-                                 epoch=self.loader.epoch, grad_norm=self.engine.last_grad_norm,
+                                 epoch=self.ahead.epoch, grad_norm=self.engine.last_grad_norm,
                                  samples=self.step * self.run.schedule.global_batch_size)
             if self.should_validate(end):
                 self.metrics.log_validation(self.step, self.validate())

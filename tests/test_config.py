@@ -154,6 +154,7 @@ def test_seq_len_above_max_positions_fails():
 @pytest.mark.parametrize("override,key", [
     ("trainer.backend=jax", "trainer.backend"), ("system.precision=fp16", "system.precision"),
     ("data.packing=none", "data.packing"), ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("system.compile_backend=cudagraphs", "system.compile_backend"),
     ("optim.beta2=1.5", "optim.beta2"), ("schedule.warmup_steps=5000", "schedule.warmup_steps"),
     ("data.masking.mask_prob=2", "mask_prob"), ("model.num_heads=3", "num_heads"),
     ("deepspeed.offload_param=true", "deepspeed.offload_param"), ("trainer.resume=", "trainer.resume"),
@@ -219,3 +220,13 @@ def test_training_cli_exits_2_on_a_config_error(override, tmp_path):
                           timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert override.lstrip("+").split("=")[0].split(".")[-1] in proc.stdout + proc.stderr
+
+
+def test_fp8_without_torchao_is_refused_naming_the_key(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what find_spec reports for a package not installed
+    with pytest.raises(ConfigError, match=r"system\.fp8=true needs torchao, which is not installed"):
+        to_run_config(composed("data.corpus=/c", "data.tokenizer=/t", "system.fp8=true"), world_size=1,
+                      check_corpus=False)
+    monkeypatch.delitem(sys.modules, "torchao")
+    assert to_run_config(composed("data.corpus=/c", "data.tokenizer=/t", "system.fp8=true"), world_size=1,
+                         check_corpus=False).system.fp8

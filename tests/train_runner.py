@@ -5,7 +5,8 @@
 `spec.json`: {"runs": [{"name": str, "overrides": [Hydra overrides...], "inject_nan": [step, rank]
 (optional)}, ...], "result": path}. Each run
 is composed from conf/pretrain.yaml and trained by `pretrain.train.run` in this process, one after the
-other; rank 0 writes {name: exit code} to `result`. An exception on any rank ends the process at once
+other; rank 0 writes {name: exit code} to `result`, and for a run that compiled,
+{name:compiled_graphs: graphs torch.compile traced, name:graph_breaks: its graph breaks}. An exception on any rank ends the process at once
 with exit code 1 (so that torchrun stops the other ranks instead of letting them wait).
 
 Also makes the golden-loss file from nothing but the repository (its header lists every command run):
@@ -68,13 +69,19 @@ def nan_injecting_trainer(step: int, rank: int) -> type:
 
 def run_all(runs: list[dict]) -> dict[str, int]:
     """Each spec: {"name", "overrides", optional "inject_nan": [step, rank]}."""
+    from torch._dynamo.utils import counters
+
     from pretrain.train import run
 
     results = {}
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for spec in runs:
             trainer_cls = nan_injecting_trainer(*spec["inject_nan"]) if "inject_nan" in spec else None
+            graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
             results[spec["name"]] = run(compose("pretrain", overrides=spec["overrides"]), trainer_cls)
+            if counters["stats"]["unique_graphs"] > graphs:  # what torch.compile traced during the run
+                results[f"{spec['name']}:compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs
+                results[f"{spec['name']}:graph_breaks"] = sum(counters["graph_break"].values()) - breaks
     return results
 
 
