@@ -30,6 +30,7 @@ import torch
 from core.hf import config_to_hf, state_dict_to_hf
 from core.model import IGNORE_INDEX, RobertaConfig, RobertaForMaskedLM
 from pretrain.flops import device_peak_flops, flops_per_token, mfu
+from pretrain.speed import SDPA_BACKENDS, attention_backends, to_float8
 
 MASK_FRACTION = 0.15
 
@@ -59,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=("both", "off", "on"), default="both",
                    help="eager, compiled, or both")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--sdpa", default="",
+                   help="attention kernels to try in order, for both models (system.sdpa_backends), e.g. "
+                        "cudnn,flash,efficient,math; empty: PyTorch's order")
+    p.add_argument("--fp8", action="store_true",
+                   help="ours with float8 Linear layers (system.fp8, torchao); HF stays in --dtype")
     return p.parse_args(argv)
 
 
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
         ours.train(), hf.train()
     params = sum(p.numel() for p in hf.parameters()) / 1e6
     print(f"config={args.config} {params:.1f}M params, batch {args.batch} "
-          f"x seq {args.seq}, {args.dtype}, device {device}"
+          f"x seq {args.seq}, {args.dtype}{', ours fp8' if args.fp8 else ''}, sdpa {args.sdpa or 'default'}, "
+          f"device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; |loss ours - HF| = {diff:.2e}")
     if diff > 1e-4:
@@ -187,6 +194,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    if args.fp8:  # after the parity check, which float8 would fail by design
+        to_float8(ours)
+    sdpa = [n for n in args.sdpa.split(",") if n]
+    unknown = sorted(set(sdpa) - set(SDPA_BACKENDS))
+    if unknown:
+        raise SystemExit(f"--sdpa: unknown {unknown}; known: {sorted(SDPA_BACKENDS)}")
+    with attention_backends(sdpa or None):
+        measure_all(args, cfg, ours, hf, ids, labels, bound, device, dtype, autocast)
+
+
+def measure_all(args, cfg, ours, hf, ids, labels, bound, device, dtype, autocast) -> None:
+    """The timed part of `main`: activations, then each mode's alternating rounds, then the table."""
     act = {"ours": saved_activation_mib(ours, ids, labels, False, autocast, bound),
            "HF": saved_activation_mib(hf, ids, labels, True, autocast, bound)}
     fraction = (labels != IGNORE_INDEX).float().mean().item()

@@ -113,6 +113,7 @@ def time_interleaved(steps: dict[str, Callable[[], None]], n: int, warmup: int, 
 
 
 def main(argv: list[str]) -> None:
+    from pretrain import speed
     from pretrain.flops import device_peak_flops, flops_per_token, mfu
     from pretrain.train import build_trainer
 
@@ -134,8 +135,9 @@ def main(argv: list[str]) -> None:
         trainer = build_trainer(cfg)
         run, env, device = trainer.run, trainer.env, trainer.device
         batch = trainer._next_batches(iter(trainer.loader))[0]  # a host batch, prepared as the full step's
-        timed = time_interleaved({"full": full_step(trainer), "bare": bare_step(trainer, batch)},
-                                 opts["steps"], opts["warmup"], device)
+        with speed.attention_backends(run.system.sdpa_backends):
+            timed = time_interleaved({"full": full_step(trainer), "bare": bare_step(trainer, batch)},
+                                     opts["steps"], opts["warmup"], device)
         trainer.ahead.close()
 
     tokens = run.schedule.global_batch_size * run.data.seq_len / env.world_size

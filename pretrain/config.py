@@ -25,7 +25,7 @@ from core.cli import unknown_keys
 from core.model import RobertaConfig
 from core.tokenizer import check_built_with
 from pretrain.masking import MaskingConfig
-from pretrain.speed import FP8_PACKAGE, fp8_available
+from pretrain.speed import FP8_PACKAGE, SDPA_BACKENDS, fp8_available
 
 BACKENDS = ("deepspeed", "torch")
 PRECISIONS = ("fp32", "bf16")
@@ -107,6 +107,10 @@ class SystemConfig:
     and backward but runs eager kernels: no code generation, for checking a graph quickly)."""
     activation_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass."""
+    sdpa_backends: Optional[list[str]] = None
+    """The attention kernels to try, in order, from `flash`, `cudnn`, `efficient`, `math` (e.g.
+    `[cudnn,flash,efficient,math]`); null = PyTorch's order. Only listed ones run: keep `math` last as the
+    fallback for cases the others refuse (docs/PERFORMANCE.md)."""
     fp8: bool = False
     """Train the encoder's Linear layers in float8 (torchao's float8 training, `pip install '.[fp8]'`;
     pretrain/speed.py). Fast on GPUs with FP8 tensor cores (H100, H200); runs on a CPU, emulated and slow,
@@ -306,6 +310,10 @@ def to_run_config(cfg: DictConfig, world_size: int, check_corpus: bool = True) -
     _choice("system.device", run.system.device, DEVICES)
     _choice("data.packing", run.data.packing, PACKINGS)
     _choice("system.compile_backend", run.system.compile_backend, COMPILE_BACKENDS)
+    for name in run.system.sdpa_backends or ():
+        _choice("system.sdpa_backends", name, tuple(SDPA_BACKENDS))
+    if run.system.sdpa_backends is not None and not run.system.sdpa_backends:
+        raise ConfigError("system.sdpa_backends=[] lists no attention kernel: name some, or null for PyTorch's order")
     if run.system.fp8 and not fp8_available():
         raise ConfigError(f"system.fp8=true needs {FP8_PACKAGE}, which is not installed: pip install '.[fp8]'")
     _choice("deepspeed.zero_stage", run.deepspeed.zero_stage, (0, 1, 2, 3))

@@ -9,11 +9,16 @@ it is moved to its device and handed to the engine; the trainer and bench.train 
   - `activation_checkpointing`: each layer recomputed in the backward pass.
   - `compile`: each transformer layer compiled (`torch.compile`, `compile_backend`), after the float8
     conversion so that the casts fuse into the layer's kernels.
+  - `sdpa_backends`: the order in which `scaled_dot_product_attention` tries its kernels
+    (`attention_backends`, around the training loop); null leaves PyTorch's own order. A backend that
+    cannot run a case (cuDNN with attention dropout, flash with a padding mask) passes it to the next.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from typing import Sequence
 
 from torch import nn
 
@@ -57,4 +62,18 @@ def apply(model: RobertaPreTrainedModel, fp8: bool, activation_checkpointing: bo
     return model
 
 
-__all__ = ["apply", "fp8_available", "to_float8"]
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}
+"""`system.sdpa_backends` names -> torch.nn.attention.SDPBackend members."""
+
+
+def attention_backends(names: Sequence[str] | None) -> contextlib.AbstractContextManager:
+    """A context in which SDPA tries the named backends in this order (and no others); None: PyTorch's."""
+    if not names:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[n]) for n in names], set_priority=True)
+
+
+__all__ = ["SDPA_BACKENDS", "apply", "attention_backends", "fp8_available", "to_float8"]

@@ -384,7 +384,8 @@ class Trainer:
     def _loop(self, end: int) -> int:
         self._it = iter(self.loader)
         try:
-            return self._steps(end)
+            with speed.attention_backends(self.run.system.sdpa_backends):
+                return self._steps(end)
         finally:
             self.ahead.close()
 

@@ -155,6 +155,7 @@ def test_seq_len_above_max_positions_fails():
     ("trainer.backend=jax", "trainer.backend"), ("system.precision=fp16", "system.precision"),
     ("data.packing=none", "data.packing"), ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("system.compile_backend=cudagraphs", "system.compile_backend"),
+    ("system.sdpa_backends=[flash,fast]", "system.sdpa_backends"), ("system.sdpa_backends=[]", "system.sdpa_backends"),
     ("optim.beta2=1.5", "optim.beta2"), ("schedule.warmup_steps=5000", "schedule.warmup_steps"),
     ("data.masking.mask_prob=2", "mask_prob"), ("model.num_heads=3", "num_heads"),
     ("deepspeed.offload_param=true", "deepspeed.offload_param"), ("trainer.resume=", "trainer.resume"),

@@ -577,3 +577,28 @@ def test_fp8_debug_run_stays_within_a_band_of_bf16(fp8_runs):
     state = {k: v.shape for k, v in load_model_state(ckpt(root / "fp8", FP8_STEPS)).items()}
     assert state == {k: v.shape for k, v in load_model_state(ckpt(root / "bf16", FP8_STEPS)).items()}
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention kernels
+
+
+def test_sdpa_backends_reach_the_training_loop(tmp_path, jargon_corpus, jargon_tokenizer, monkeypatch):
+    """system.sdpa_backends orders the attention kernels of the loop: [math] trains as PyTorch's own choice
+    (the CPU flash kernel) within float tolerance."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.train import run
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # run() exports them; restored afterwards
+
+    def overrides(name: str, *extra: str) -> list[str]:
+        return tiny(jargon_corpus, jargon_tokenizer, tmp_path / name, "trainer.backend=torch", "schedule.max_steps=3",
+                    *NO_DROPOUT, *extra)
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        assert run(compose("pretrain", overrides=overrides("default"))) == 0
+        assert run(compose("pretrain", overrides=overrides("math", "system.sdpa_backends=[math]"))) == 0
+    default, math_only = (losses(tmp_path / n / "metrics.jsonl") for n in ("default", "math"))
+    assert len(default) == 3 and math_only == pytest.approx(default, rel=1e-5, abs=0)
