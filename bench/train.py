@@ -55,11 +55,8 @@ def sync(device: torch.device) -> None:
 
 def full_step(trainer) -> Callable[[], None]:
     """The trainer's own step, loader included, loading the next step on a thread as its loop does
-    (`pretrain.train.StepAhead`: here the load also overlaps the bare step timed in between)."""
-    from pretrain.train import StepAhead
-
-    it = iter(trainer.loader)
-    trainer.ahead = StepAhead(trainer.loader, lambda stop: trainer._next_batches(it, stop))
+    (the trainer's `StepAhead`: here the load also overlaps the bare step timed in between)."""
+    trainer._it = iter(trainer.loader)  # what the trainer's `_loop` sets up before its steps
     trainer.engine.train(True)
     return lambda: trainer.train_step(trainer.ahead.take(load_next=True))
 
